@@ -1,0 +1,42 @@
+# The two commands a fresh clone needs (see README):
+#   make demo   - quick MicroAdam vs AdamW comparison (the main job)
+#   make test   - lint + the whole test suite
+#
+# Torch: if the virtual environment already has torch, it is kept. Otherwise
+# $(TORCH_SPEC) is installed; the default pin resolves to a local CPU wheel on
+# machines that carry one. Pick your own build with, for example,
+#   make TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url <your torch index>" test
+# or by installing torch into .venv yourself before running make.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= all
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/microadam demo
+
+test: install
+	$(BIN)/ruff check src tests examples
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,41 @@
+"""Pure tensor functions behind MicroAdam: block Top-K, bucket quantization with 4-bit
+packing and stochastic rounding, and the sliding-window moment statistics.
+
+Nothing here holds state or knows about ``torch.optim``; every function is tested on its
+own (tests/compress) and reused by the optimizer and by the fused kernels' tests.
+"""
+
+from microadam.compress.quant import (
+    bucket_range,
+    code_levels,
+    decode,
+    dequantize,
+    encode,
+    expand_buckets,
+    pack_nibbles,
+    packed_numel,
+    quantize,
+    uniform_noise,
+    unpack_nibbles,
+)
+from microadam.compress.topk import TopKLayout, block_topk, topk_layout
+from microadam.compress.window import window_ages, window_direction
+
+__all__ = [
+    "TopKLayout",
+    "block_topk",
+    "bucket_range",
+    "code_levels",
+    "decode",
+    "dequantize",
+    "encode",
+    "expand_buckets",
+    "pack_nibbles",
+    "packed_numel",
+    "quantize",
+    "topk_layout",
+    "uniform_noise",
+    "unpack_nibbles",
+    "window_ages",
+    "window_direction",
+]

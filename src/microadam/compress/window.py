@@ -1,0 +1,69 @@
+"""Adam's moments rebuilt from MicroAdam's sliding window of sparse gradients (Alg. 1, l. 9-11).
+
+The window holds the last ``m`` sparse gradients as rows of (block-local index, value)
+pairs. With row ``r`` of age ``age_r = (t - 1 - r) mod m`` (0 for the row written at step
+``t``), the moments of coordinate ``i`` are
+
+    M_i = sum_r beta1^age_r V_r[i],     S_i = sum_r beta2^age_r V_r[i]^2
+
+over the rows whose indices contain ``i``, and the Adam direction is
+
+    m_hat = (1 - beta1) M / (1 - beta1^t),   v_hat = (1 - beta2) S / (1 - beta2^t),
+    u = m_hat / (sqrt(v_hat) + eps),
+
+zero for coordinates that appear in no row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["window_ages", "window_direction"]
+
+
+def window_ages(step: int, window_size: int) -> list[int]:
+    """Ages of the rows written so far at step ``step`` (row ``r`` is written at steps
+    ``t`` with ``(t - 1) mod m == r``); only the first ``min(step, m)`` rows exist."""
+    rows = min(step, window_size)
+    return [(step - 1 - r) % window_size for r in range(rows)]
+
+
+def window_direction(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    length: int,
+    step: int,
+    window_size: int,
+    betas: tuple[float, float],
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dense Adam direction ``u`` (length ``length``, dtype ``dtype``) of one chunk.
+
+    Args:
+        indices: ``(rows, c)`` int16 block-local indices of the chunk's window columns for
+            the rows written so far (``rows = min(step, window_size)``, rows in storage order).
+        values: ``(rows, c)`` the matching values (any floating dtype).
+        offsets: ``(c,)`` int64, position of each column's block start inside the chunk.
+        length: elements in the chunk.
+        step: the step ``t`` (after increment), for the ages and the bias correction.
+        window_size: ``m``, the number of rows of the full window.
+        betas, eps: as in Adam.
+        dtype: compute dtype (float32, or float64 for float64 parameters).
+    """
+    beta1, beta2 = betas
+    device = values.device
+    ages = window_ages(step, window_size)
+    # Decay weights in double precision, then cast: the kernels compute them the same way.
+    decay1 = torch.tensor([beta1**a for a in ages], dtype=dtype, device=device).unsqueeze(1)
+    decay2 = torch.tensor([beta2**a for a in ages], dtype=dtype, device=device).unsqueeze(1)
+    pos = (indices.to(torch.int64) + offsets).reshape(-1)
+    vals = values.to(dtype)
+    first = (vals * decay1).reshape(-1)
+    second = (vals.square() * decay2).reshape(-1)
+    moment1 = torch.zeros(length, dtype=dtype, device=device).index_add_(0, pos, first)
+    moment2 = torch.zeros(length, dtype=dtype, device=device).index_add_(0, pos, second)
+    m_hat = moment1.mul_((1.0 - beta1) / (1.0 - beta1**step))
+    v_hat = moment2.mul_((1.0 - beta2) / (1.0 - beta2**step))
+    return m_hat.div_(v_hat.sqrt_().add_(eps))

@@ -1,0 +1,672 @@
+"""MicroAdam: Adam's update from a sliding window of Top-K gradients with 4-bit error feedback.
+
+The class is thin (validation, ``defaults``, lazy state, checkpoint handling); the
+mathematics of one step lives in :func:`micro_adam_step_`, which walks a parameter in
+chunks of whole Top-K blocks so that scratch memory is bounded by the chunk, never by the
+tensor (no float32 temporary of the parameter's size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from microadam.compress.quant import (
+    bucket_range,
+    code_levels,
+    decode,
+    encode,
+    expand_buckets,
+    pack_nibbles,
+    packed_numel,
+    uniform_noise,
+    unpack_nibbles,
+)
+from microadam.compress.topk import MAX_BLOCK_SIZE, TopKLayout, block_topk, topk_layout
+from microadam.compress.window import window_direction
+
+__all__ = [
+    "DEFAULT_QUANT_BLOCK_SIZE",
+    "DEFAULT_TOPK_BLOCK_SIZE",
+    "MicroAdam",
+    "micro_adam_step_",
+]
+
+# Chosen by measurement (README, "Choosing the block sizes"): see the docstring below.
+DEFAULT_TOPK_BLOCK_SIZE = 4096
+DEFAULT_QUANT_BLOCK_SIZE = 64
+
+# Elements per chunk of the pure-PyTorch step: about 1 MiB per float32 temporary.
+DEFAULT_CHUNK_SIZE = 1 << 18
+# Chunks are cut on multiples of lcm(topk_block_size, quant_block_size, 2) so that each
+# chunk holds whole blocks and whole buckets and one pass does everything. When that lcm
+# exceeds this many elements (unusual pairs such as 29056 and 100000) a second pass
+# re-quantizes the error instead, keeping scratch memory bounded all the same.
+MAX_ALIGNED_CHUNK = 1 << 21
+
+STATE_FORMAT_VERSION = 1
+_ROUNDINGS = ("nearest", "stochastic")
+
+
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"Invalid lr: tensor lr must have one element, got shape {tuple(lr.shape)}"
+            )
+        lr = lr.item()
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid lr: {lr} (expected lr >= 0)")
+    betas = group["betas"]
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (expected a pair of floats)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(
+                f"Invalid beta parameter at index {i}: {beta} (expected 0 <= beta < 1)"
+            )
+    if not 0.0 <= group["eps"]:
+        raise ValueError(f"Invalid eps: {group['eps']} (expected eps >= 0)")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(
+            f"Invalid weight_decay: {group['weight_decay']} (expected weight_decay >= 0)"
+        )
+    m = group["window_size"]
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"Invalid window_size: {m} (expected an integer >= 1)")
+    density = group["density"]
+    if (
+        isinstance(density, bool)
+        or not isinstance(density, int | float)
+        or not 0.0 < density <= 1.0
+    ):
+        raise ValueError(f"Invalid density: {density} (expected 0 < density <= 1)")
+    b = group["topk_block_size"]
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"Invalid topk_block_size: {b} (expected an integer, 1 <= topk_block_size <= 32768)"
+        )
+    q = group["quant_block_size"]
+    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+        raise ValueError(f"Invalid quant_block_size: {q} (expected an integer >= 1)")
+    if group["quant_bits"] not in (4, 8) or isinstance(group["quant_bits"], bool):
+        raise ValueError(f"Invalid quant_bits: {group['quant_bits']} (expected 4 or 8)")
+    if not isinstance(group["error_feedback"], bool):
+        raise ValueError(
+            f"Invalid error_feedback: {group['error_feedback']} (expected True or False)"
+        )
+    if group["rounding"] not in _ROUNDINGS:
+        raise ValueError(
+            f"Invalid rounding: {group['rounding']!r} (expected 'nearest' or 'stochastic')"
+        )
+    vd = group["value_dtype"]
+    if not isinstance(vd, torch.dtype) or not vd.is_floating_point:
+        raise ValueError(f"Invalid value_dtype: {vd} (expected a floating torch.dtype)")
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"Invalid maximize: {group['maximize']} (expected True or False)")
+
+
+def _compute_dtype(param: torch.Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _column_offsets(layout: TopKLayout, j0: int, j1: int, device: torch.device) -> torch.Tensor:
+    """Start, relative to block ``j0``, of the block that owns each window column of blocks
+    ``j0 .. j1 - 1`` (int64, one entry per column)."""
+    full = max(0, min(j1, layout.num_full) - j0)
+    counts = [layout.k_block] * full
+    if j1 > layout.num_full:
+        counts.append(layout.k_tail)
+    blocks = torch.arange(len(counts), device=device, dtype=torch.int64)
+    reps = torch.tensor(counts, device=device, dtype=torch.int64)
+    return blocks.repeat_interleave(reps, output_size=sum(counts)) * layout.block_size
+
+
+def _codes_of(state: dict, start: int, end: int, bits: int) -> torch.Tensor:
+    """Unpacked error-feedback codes of elements ``start .. end - 1`` (``start`` even)."""
+    codes = state["ef_codes"]
+    if bits == 4:
+        return unpack_nibbles(codes[start // 2 : (end + 1) // 2], end - start)
+    return codes[start:end]
+
+
+def _store_codes(state: dict, start: int, codes: torch.Tensor, bits: int) -> None:
+    if bits == 4:
+        packed = pack_nibbles(codes)
+        state["ef_codes"][start // 2 : start // 2 + packed.numel()] = packed
+    else:
+        state["ef_codes"][start : start + codes.numel()] = codes
+
+
+def _bucket_params(
+    lo: torch.Tensor, hi: torch.Tensor, start: int, length: int, q: int, bits: int, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element ``lo`` and quantization step ``(hi - lo) / L`` for a range of elements."""
+    b0, b1 = start // q, (start + length - 1) // q + 1
+    lo_c = lo[b0:b1].to(dtype)
+    step_c = (hi[b0:b1].to(dtype) - lo_c) / code_levels(bits)
+    return expand_buckets(lo_c, start - b0 * q, length, q), expand_buckets(
+        step_c, start - b0 * q, length, q
+    )
+
+
+def _corrected_gradient(
+    grad: torch.Tensor, state: dict, start: int, end: int, h: dict, dtype: torch.dtype
+) -> torch.Tensor:
+    """Alg. 1 line 4: a = g + Q^-1(e) for elements ``start .. end - 1``, as a fresh tensor."""
+    a = grad[start:end].to(dtype, copy=True)  # never alias p.grad: it is read, not written
+    if h["maximize"]:
+        a.neg_()
+    if h["error_feedback"]:
+        lo_e, step_e = _bucket_params(
+            state["ef_min"],
+            state["ef_max"],
+            start,
+            end - start,
+            h["quant_block_size"],
+            h["quant_bits"],
+            dtype,
+        )
+        a += decode(_codes_of(state, start, end, h["quant_bits"]), lo_e, step_e)
+    return a
+
+
+def _noise(state: dict, step: int, start: int, length: int, h: dict, a: torch.Tensor):
+    if h["rounding"] != "stochastic":
+        return None
+    seed = int(state["rng_seed"].item())
+    return uniform_noise(seed, step, start, length, device=a.device, dtype=a.dtype)
+
+
+def _apply_update(p_chunk: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """Alg. 1 line 12 with decoupled weight decay: p <- p (1 - lr wd) - lr u."""
+    work = p_chunk if p_chunk.dtype == u.dtype else p_chunk.to(u.dtype)
+    if weight_decay != 0:
+        work.mul_(1.0 - lr * weight_decay)
+    work.add_(u, alpha=-lr)
+    if work is not p_chunk:
+        p_chunk.copy_(work)
+
+
+def micro_adam_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    window_size: int,
+    density: float,
+    topk_block_size: int,
+    quant_block_size: int,
+    quant_bits: int,
+    error_feedback: bool,
+    rounding: str,
+    maximize: bool,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_aligned_chunk: int = MAX_ALIGNED_CHUNK,
+    **_unused: Any,
+) -> None:
+    """One MicroAdam step of one parameter, in place on ``param`` and ``state``.
+
+    ``state`` must already hold the buffers of :meth:`MicroAdam._init_state`; ``grad`` is
+    only read. The steps follow the design page (docs: ``microadam.md``), numbered as in
+    Alg. 1 of the paper.
+    """
+    h = {
+        "maximize": maximize,
+        "error_feedback": error_feedback,
+        "quant_block_size": quant_block_size,
+        "quant_bits": quant_bits,
+        "rounding": rounding,
+    }
+    d = param.numel()
+    step = int(state["step"].item()) + 1
+    layout = topk_layout(d, topk_block_size, density)
+    row = (step - 1) % window_size
+    rows = min(step, window_size)
+    dtype = _compute_dtype(param)
+    flat_grad = grad.reshape(-1)
+    target = param if param.is_contiguous() else param.contiguous()
+    flat_param = target.view(-1)
+    win_idx, win_val = state["window_indices"], state["window_values"]
+    q, bits = quant_block_size, quant_bits
+
+    aligned_unit = math.lcm(topk_block_size, quant_block_size, 2)
+    one_pass = not error_feedback or aligned_unit <= max(max_aligned_chunk, chunk_size)
+    unit = aligned_unit if (error_feedback and one_pass) else math.lcm(topk_block_size, 2)
+    chunk = unit * max(1, chunk_size // unit)
+    if error_feedback and not one_pass:
+        num_buckets = state["ef_min"].numel()
+        new_lo = torch.full((num_buckets,), math.inf, dtype=dtype, device=param.device)
+        new_hi = torch.full((num_buckets,), -math.inf, dtype=dtype, device=param.device)
+
+    chunks = []
+    for start in range(0, d, chunk):
+        end = min(d, start + chunk)
+        j0, j1 = start // topk_block_size, -(-end // topk_block_size)
+        c0, c1 = layout.columns(j0, j1)
+        offsets = _column_offsets(layout, j0, j1, param.device)
+        chunks.append((start, end, c0, c1, offsets))
+
+        a = _corrected_gradient(flat_grad, state, start, end, h, dtype)
+        # Alg. 1 lines 5-6: Top-K per block, recorded as row (t - 1) mod m of the window.
+        idx, vals = block_topk(a, topk_block_size, layout.k_block, layout.k_tail)
+        win_idx[row, c0:c1] = idx
+        win_val[row, c0:c1] = vals.to(win_val.dtype)
+        if error_feedback:
+            # Alg. 1 line 7: the error is what Top-K dropped.
+            a.index_fill_(0, idx.to(torch.int64) + offsets, 0)
+            if one_pass:
+                lo, hi = bucket_range(a, q)
+                lo_e = expand_buckets(lo.to(dtype), 0, end - start, q)
+                step_e = expand_buckets(
+                    (hi.to(dtype) - lo.to(dtype)) / code_levels(bits), 0, end - start, q
+                )
+                codes = encode(a, lo_e, step_e, bits, _noise(state, step, start, end - start, h, a))
+                _store_codes(state, start, codes, bits)
+                state["ef_min"][start // q : start // q + lo.numel()] = lo
+                state["ef_max"][start // q : start // q + hi.numel()] = hi
+            else:
+                b0 = start // q
+                ids = torch.arange(start, end, device=a.device) // q - b0
+                nb = int(ids[-1].item()) + 1
+                new_lo[b0 : b0 + nb].scatter_reduce_(0, ids, a, "amin")
+                new_hi[b0 : b0 + nb].scatter_reduce_(0, ids, a, "amax")
+        del a
+        # Alg. 1 lines 9-12: Adam's moments from the window, then the update.
+        u = window_direction(
+            win_idx[:rows, c0:c1],
+            win_val[:rows, c0:c1],
+            offsets,
+            end - start,
+            step,
+            window_size,
+            betas,
+            eps,
+            dtype,
+        )
+        _apply_update(flat_param[start:end], u, lr, weight_decay)
+
+    if error_feedback and not one_pass:
+        # Second pass: the bucket ranges are complete, so quantize the error now. The
+        # corrected gradient is rebuilt from the old codes, which are still in place.
+        lo_all, hi_all = new_lo.to(torch.bfloat16), new_hi.to(torch.bfloat16)
+        for start, end, c0, c1, offsets in chunks:
+            a = _corrected_gradient(flat_grad, state, start, end, h, dtype)
+            a.index_fill_(0, win_idx[row, c0:c1].to(torch.int64) + offsets, 0)
+            lo_e, step_e = _bucket_params(lo_all, hi_all, start, end - start, q, bits, dtype)
+            codes = encode(a, lo_e, step_e, bits, _noise(state, step, start, end - start, h, a))
+            _store_codes(state, start, codes, bits)
+        state["ef_min"].copy_(lo_all)
+        state["ef_max"].copy_(hi_all)
+
+    if target is not param:
+        param.copy_(target)
+    state["step"] += 1
+
+
+class MicroAdam(Optimizer):
+    r"""MicroAdam: Adam-quality updates with under one byte of optimizer state per parameter.
+
+    MicroAdam (Modoranu et al., NeurIPS 2024) keeps no dense moments. Each step it adds the
+    dequantized error-feedback buffer to the gradient, keeps the Top-K entries of every
+    block in a sliding window of the last :math:`m` sparse gradients, stores what Top-K
+    dropped as 4-bit error feedback, and rebuilds Adam's moments from the window.
+
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2 \text{ (betas)},
+                \epsilon, \lambda \text{ (weight decay)}, m \text{ (window\_size)},
+                k/d \text{ (density)}, b \text{ (quant\_bits)} \\
+            &\textbf{initialize}: e_0 \leftarrow 0 \text{ (b-bit codes)},\;
+                \mathcal{W} \leftarrow \text{empty window of } m \text{ rows} \\
+            &\rule{110mm}{0.4pt} \\
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do} \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \quad (-\nabla \text{ if maximize}) \\
+            &\hspace{5mm} a_t \leftarrow g_t + Q^{-1}(e_t) \\
+            &\hspace{5mm} I_t \leftarrow \text{Top-}k_B(|a_t|) \text{ in every block of }
+                B \text{ elements} \\
+            &\hspace{5mm} \mathcal{W}[(t-1) \bmod m] \leftarrow (I_t, a_t[I_t]) \\
+            &\hspace{5mm} a_t[I_t] \leftarrow 0; \quad e_{t+1} \leftarrow Q(a_t)
+                \text{ (per bucket of } Q \text{ elements, bf16 min/max)} \\
+            &\hspace{5mm} M \leftarrow \textstyle\sum_r \beta_1^{\,age_r} V_r, \quad
+                S \leftarrow \textstyle\sum_r \beta_2^{\,age_r} V_r^2 \\
+            &\hspace{5mm} \hat{m} \leftarrow (1-\beta_1) M / (1-\beta_1^t), \quad
+                \hat{v} \leftarrow (1-\beta_2) S / (1-\beta_2^t) \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1}(1 - \gamma\lambda)
+                - \gamma\, \hat{m} / (\sqrt{\hat{v}} + \epsilon) \\
+            &\rule{110mm}{0.4pt} \\[-1.ex]
+            &\bf{return} \: \theta_t \\[-1.ex]
+            &\rule{110mm}{0.4pt} \\[-1.ex]
+       \end{aligned}
+
+    Here :math:`age_r = (t - 1 - r) \bmod m` is the age of window row :math:`r`, and the
+    sums run over the rows written so far that contain the coordinate; a coordinate in no
+    row is not moved (apart from weight decay).
+
+    .. note::
+        Conventions. ``eps`` is added to :math:`\sqrt{\hat v}` outside the square root, as
+        in ``torch.optim.Adam``. Weight decay is decoupled (AdamW). The bias correction
+        uses this parameter's full step count :math:`t`, as the authors' code does: for a
+        coordinate kept at every step the window holds only :math:`m` terms while
+        :math:`1-\beta^t` keeps growing, so once :math:`t > m` the step is larger than
+        Adam's (about 6.5x in the limit at :math:`m = 10` and the default betas). With
+        ``density=1``, ``window_size`` at least the number of steps and ``value_dtype``
+        equal to the parameter dtype, MicroAdam equals ``torch.optim.AdamW``.
+
+    .. note::
+        Non-finite gradients. ``step`` checks every gradient before it changes anything;
+        if any holds NaN or inf it raises ``RuntimeError`` and leaves every parameter and
+        every state buffer as it was, so the caller can skip the batch (``zero_grad()``
+        and continue) or stop. ``torch.amp.GradScaler`` already skips such steps itself.
+
+    .. note::
+        Stochastic rounding (``rounding="stochastic"``, the unbiased quantizer of the
+        convergence proof) draws its noise from a counter-based generator: element
+        :math:`i` at step :math:`t` gets a fixed hash of (seed, t, i). The seed is drawn
+        from torch's default generator when the state is created (so ``torch.manual_seed``
+        makes runs repeatable) and kept in the state as ``rng_seed``; resuming from a
+        checkpoint continues the same stream.
+
+    Memory: for a parameter of :math:`d` elements, with :math:`k` entries kept per step,
+    the state is ``window_indices`` (int16, :math:`2mk` bytes), ``window_values``
+    (:math:`2mk` bytes in bf16), ``ef_codes`` (:math:`\lceil d/2\rceil` bytes at 4 bits,
+    :math:`d` at 8) and ``ef_min``/``ef_max`` (bf16, :math:`4\lceil d/Q\rceil` bytes):
+    :math:`0.5d + 4mk + 4\lceil d/Q\rceil` bytes, about 0.96 bytes per parameter at the
+    defaults (m = 10, density 1%, Q = 64). ``error_feedback=False`` drops the last two.
+    ``step`` uses scratch memory for one chunk of blocks (about a million elements), never
+    a float32 copy of the whole parameter.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or Tensor, optional): learning rate :math:`\gamma` (default: 1e-3).
+        betas (Tuple[float, float], optional): decay rates of the first and second moment
+            (default: (0.9, 0.999)).
+        eps (float, optional): added to :math:`\sqrt{\hat v}` (default: 1e-8).
+        weight_decay (float, optional): decoupled weight decay :math:`\lambda` (default: 0).
+        window_size (int, optional): :math:`m`, gradients kept in the window (default: 10).
+        density (float, optional): :math:`k/d`, fraction of each Top-K block kept per step,
+            ``0 < density <= 1`` (default: 0.01).
+        topk_block_size (int, optional): elements per Top-K block, 1 to 32768; each full
+            block keeps ``ceil(density * topk_block_size)`` (default: 4096). The authors'
+            A100 and H100 layouts are 20864 and 29056.
+        quant_block_size (int, optional): elements per error-feedback bucket, each with its
+            own bf16 min and max (default: 64).
+        quant_bits (int, optional): 4 or 8 bits per error-feedback element (default: 4).
+        error_feedback (bool, optional): ``False`` gives Top-K Adam without error feedback
+            (default: True).
+        rounding (str, optional): ``"nearest"`` (as the authors' code) or ``"stochastic"``
+            (the unbiased quantizer of the convergence proof) (default: "nearest").
+        value_dtype (torch.dtype, optional): dtype of the stored window values
+            (default: torch.bfloat16).
+        maximize (bool, optional): maximize the objective instead (default: False).
+
+    Example:
+        >>> import torch
+        >>> from microadam import MicroAdam
+        >>> model = torch.nn.Linear(64, 8)
+        >>> opt = MicroAdam(model.parameters(), lr=1e-3, density=0.05)
+        >>> loss = model(torch.randn(16, 64)).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+
+    References:
+        I. Modoranu, M. Safaryan, G. Malinovsky, E. Kurtic, T. Robert, P. Richtarik,
+        D. Alistarh. "MicroAdam: Accurate Adaptive Optimization with Low Space Overhead and
+        Provable Convergence." NeurIPS 2024. arXiv:2405.15593.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        window_size: int = 10,
+        density: float = 0.01,
+        topk_block_size: int = DEFAULT_TOPK_BLOCK_SIZE,
+        quant_block_size: int = DEFAULT_QUANT_BLOCK_SIZE,
+        quant_bits: int = 4,
+        error_feedback: bool = True,
+        rounding: str = "nearest",
+        value_dtype: torch.dtype = torch.bfloat16,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            window_size=window_size,
+            density=density,
+            topk_block_size=topk_block_size,
+            quant_block_size=quant_block_size,
+            quant_bits=quant_bits,
+            error_feedback=error_feedback,
+            rounding=rounding,
+            value_dtype=value_dtype,
+            maximize=maximize,
+        )
+        _validate_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _validate_hyperparameters(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise RuntimeError(
+                    "MicroAdam does not support complex parameters; optimize "
+                    "torch.view_as_real(param) as a real parameter instead"
+                )
+        super().add_param_group({**param_group, "params": params})
+
+    # -- state -------------------------------------------------------------------------
+
+    @staticmethod
+    def _layout(p: torch.Tensor, group: dict[str, Any]) -> TopKLayout:
+        return topk_layout(p.numel(), group["topk_block_size"], group["density"])
+
+    def _expected_shapes(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, tuple]:
+        k = self._layout(p, group).k
+        shapes = {
+            "window_indices": (group["window_size"], k),
+            "window_values": (group["window_size"], k),
+        }
+        if group["error_feedback"]:
+            buckets = -(-p.numel() // group["quant_block_size"])
+            shapes["ef_codes"] = (packed_numel(p.numel(), group["quant_bits"]),)
+            shapes["ef_min"] = (buckets,)
+            shapes["ef_max"] = (buckets,)
+        return shapes
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            shapes = self._expected_shapes(p, group)
+            dev = p.device
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["window_indices"] = torch.zeros(
+                shapes["window_indices"], dtype=torch.int16, device=dev
+            )
+            state["window_values"] = torch.zeros(
+                shapes["window_values"], dtype=group["value_dtype"], device=dev
+            )
+            if group["error_feedback"]:
+                state["ef_codes"] = torch.zeros(shapes["ef_codes"], dtype=torch.uint8, device=dev)
+                state["ef_min"] = torch.zeros(shapes["ef_min"], dtype=torch.bfloat16, device=dev)
+                state["ef_max"] = torch.zeros(shapes["ef_max"], dtype=torch.bfloat16, device=dev)
+        if group["rounding"] == "stochastic" and "rng_seed" not in state:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            state["rng_seed"] = torch.tensor(seed, dtype=torch.int64)
+        self._check_state(p, group, state, "the current hyperparameters")
+        return state
+
+    def _check_state(self, p, group, state, origin: str) -> None:
+        """Raise if ``state`` does not fit parameter ``p`` under ``group``'s settings."""
+        where = self._describe(p)
+        for key, shape in self._expected_shapes(p, group).items():
+            if key not in state:
+                raise RuntimeError(
+                    f"MicroAdam state of {where} has no {key!r}, which {origin} need "
+                    "(error_feedback cannot be switched on after the first step)"
+                )
+            got = tuple(state[key].shape)
+            if got != shape:
+                raise RuntimeError(
+                    f"MicroAdam state of {where}: {key} has shape {got}, expected {shape} "
+                    f"from {origin} (param shape {tuple(p.shape)}, window_size, density, "
+                    "block sizes and quant_bits cannot change after the first step)"
+                )
+        expected_dtypes = {
+            "window_indices": torch.int16,
+            "window_values": group["value_dtype"],
+            "ef_codes": torch.uint8,
+            "ef_min": torch.bfloat16,
+            "ef_max": torch.bfloat16,
+        }
+        for key, dtype in expected_dtypes.items():
+            if key in state and state[key].dtype != dtype:
+                raise RuntimeError(
+                    f"MicroAdam state of {where}: {key} has dtype {state[key].dtype}, "
+                    f"expected {dtype} from {origin}"
+                )
+
+    def _describe(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+        return f"parameter of shape {tuple(p.shape)}"
+
+    # -- stepping ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns
+                the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Check every gradient before touching anything, so a bad one changes nothing.
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        "MicroAdam does not support sparse gradients; use torch.optim.SparseAdam "
+                        "for sparse embeddings or build them with sparse=False"
+                    )
+                if p.is_complex():
+                    raise RuntimeError(
+                        "MicroAdam does not support complex parameters; optimize "
+                        "torch.view_as_real(param) as a real parameter instead"
+                    )
+                if not _all_finite(grad):
+                    raise RuntimeError(
+                        f"MicroAdam: non-finite gradient (NaN or inf) for {self._describe(p)}; "
+                        "nothing was updated. Skip this batch (zero_grad() and continue), "
+                        "lower the learning rate, or use gradient clipping or a GradScaler"
+                    )
+                work.append((group, p, self._init_state(p, group)))
+
+        for group, p, state in work:
+            lr = group["lr"]
+            micro_adam_step_(
+                p,
+                p.grad,
+                state,
+                **{**group, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr},
+            )
+        return loss
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["microadam_format"] = STATE_FORMAT_VERSION
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict`, keeping every buffer's dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's
+        dtype, which would turn the int16 window indices into bf16 (wrong above 256) and
+        the uint8 codes into floats. Here every state tensor comes back with its saved
+        dtype and bits, on its parameter's device. The state dict is checked against the
+        parameters first; on a mismatch a ``ValueError`` names the parameter and what
+        differs, and the optimizer is left as it was.
+        """
+        version = state_dict.get("microadam_format", None)
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"Invalid state_dict: microadam_format is {version!r}, expected "
+                f"{STATE_FORMAT_VERSION} (a MicroAdam state dict of this version)"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: it has {len(saved_groups)} param groups, the optimizer "
+                f"has {len(self.param_groups)}"
+            )
+        id_map = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"Invalid state_dict: param group {gi} has {len(saved['params'])} "
+                    f"parameters, the optimizer's has {len(group['params'])}"
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                _validate_hyperparameters(merged)
+            except ValueError as err:
+                raise ValueError(f"Invalid state_dict: param group {gi}: {err}") from None
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                id_map[pid] = (p, merged)
+        for pid, saved_state in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"Invalid state_dict: state for unknown parameter id {pid}")
+            p, merged = id_map[pid]
+            try:
+                self._check_state(p, merged, saved_state, "the state dict's param group")
+            except RuntimeError as err:
+                raise ValueError(f"Invalid state_dict: {err}") from None
+        body = {k: v for k, v in state_dict.items() if k != "microadam_format"}
+        super().load_state_dict(body)
+        # Undo torch's dtype policy: restore every tensor exactly as saved (a private copy,
+        # so the loaded optimizer never shares buffers with the caller's dict).
+        for pid, saved_state in state_dict["state"].items():
+            p, _ = id_map[pid]
+            for key, value in saved_state.items():
+                if isinstance(value, torch.Tensor):
+                    device = value.device if key in ("step", "rng_seed") else p.device
+                    self.state[p][key] = value.detach().to(device=device, copy=True)
+
+
+def _all_finite(t: torch.Tensor, chunk: int = DEFAULT_CHUNK_SIZE) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
