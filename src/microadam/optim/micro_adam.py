@@ -210,16 +210,20 @@ def micro_adam_step_(
     error_feedback: bool,
     rounding: str,
     maximize: bool,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    max_aligned_chunk: int = MAX_ALIGNED_CHUNK,
+    chunk_size: int | None = None,
+    max_aligned_chunk: int | None = None,
     **_unused: Any,
 ) -> None:
     """One MicroAdam step of one parameter, in place on ``param`` and ``state``.
 
     ``state`` must already hold the buffers of :meth:`MicroAdam._init_state`; ``grad`` is
-    only read. The steps follow the design page (docs: ``microadam.md``), numbered as in
+    only read. ``chunk_size`` and ``max_aligned_chunk`` default to the module constants
+    ``DEFAULT_CHUNK_SIZE`` and ``MAX_ALIGNED_CHUNK`` (read at call time, so tests can force
+    the two-pass path). The steps follow the design page (docs: ``microadam.md``), numbered as in
     Alg. 1 of the paper.
     """
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    max_aligned_chunk = MAX_ALIGNED_CHUNK if max_aligned_chunk is None else max_aligned_chunk
     h = {
         "maximize": maximize,
         "error_feedback": error_feedback,
