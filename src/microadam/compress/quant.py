@@ -138,6 +138,17 @@ def _steps(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype) ->
     return (hi.to(dtype) - lo.to(dtype)) / code_levels(bits)
 
 
+def _bucketed(x: torch.Tensor, bucket_size: int) -> list[torch.Tensor]:
+    """Views of a 1-D tensor as (full buckets, bucket_size) and (1, tail), skipping empties."""
+    full, tail = divmod(x.numel(), bucket_size)
+    parts = []
+    if full:
+        parts.append(x[: full * bucket_size].view(full, bucket_size))
+    if tail:
+        parts.append(x[full * bucket_size :].view(1, tail))
+    return parts
+
+
 def quantize(
     x: torch.Tensor,
     bucket_size: int,
@@ -152,11 +163,16 @@ def quantize(
     if bits not in (4, 8):
         raise ValueError(f"Invalid bits: {bits} (expected 4 or 8)")
     lo, hi = bucket_range(x, bucket_size)
-    n = x.numel()
-    lo_e = expand_buckets(lo.to(x.dtype), 0, n, bucket_size)
-    step_e = expand_buckets(_steps(lo, hi, bits, x.dtype), 0, n, bucket_size)
-    codes = encode(x, lo_e, step_e, bits, noise)
-    return (pack_nibbles(codes) if bits == 4 else codes), lo, hi
+    lo_x, step_x = lo.to(x.dtype).unsqueeze(1), _steps(lo, hi, bits, x.dtype).unsqueeze(1)
+    noise_parts = _bucketed(noise, bucket_size) if noise is not None else None
+    codes, b = [], 0
+    for i, part in enumerate(_bucketed(x, bucket_size)):
+        nb = part.shape[0]
+        np_ = noise_parts[i] if noise_parts is not None else None
+        codes.append(encode(part, lo_x[b : b + nb], step_x[b : b + nb], bits, np_).view(-1))
+        b += nb
+    flat = torch.cat(codes) if codes else x.new_empty(0, dtype=torch.uint8)
+    return (pack_nibbles(flat) if bits == 4 else flat), lo, hi
 
 
 def dequantize(
@@ -170,9 +186,13 @@ def dequantize(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize` up to the quantization error, in ``dtype``."""
     raw = unpack_nibbles(codes, numel) if bits == 4 else codes[:numel]
-    lo_e = expand_buckets(lo.to(dtype), 0, numel, bucket_size)
-    step_e = expand_buckets(_steps(lo, hi, bits, dtype), 0, numel, bucket_size)
-    return decode(raw, lo_e, step_e)
+    lo_x, step_x = lo.to(dtype).unsqueeze(1), _steps(lo, hi, bits, dtype).unsqueeze(1)
+    out, b = [], 0
+    for part in _bucketed(raw, bucket_size):
+        nb = part.shape[0]
+        out.append(decode(part, lo_x[b : b + nb], step_x[b : b + nb]).view(-1))
+        b += nb
+    return torch.cat(out) if out else torch.empty(0, dtype=dtype, device=codes.device)
 
 
 def mix32(x):

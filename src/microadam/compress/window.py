@@ -66,4 +66,7 @@ def window_direction(
     moment2 = torch.zeros(length, dtype=dtype, device=device).index_add_(0, pos, second)
     m_hat = moment1.mul_((1.0 - beta1) / (1.0 - beta1**step))
     v_hat = moment2.mul_((1.0 - beta2) / (1.0 - beta2**step))
-    return m_hat.div_(v_hat.sqrt_().add_(eps))
+    denom = v_hat.sqrt_().add_(eps)
+    # Coordinates in no row (or whose squares underflow) have denom 0 when eps == 0: their
+    # direction is 0 by definition, never 0/0.
+    return torch.where(denom > 0, m_hat.div_(denom), 0.0)

@@ -16,13 +16,14 @@ import torch
 from torch.optim import Optimizer
 
 from microadam.compress.quant import (
-    bucket_range,
     code_levels,
     decode,
+    dequantize,
     encode,
     expand_buckets,
     pack_nibbles,
     packed_numel,
+    quantize,
     uniform_noise,
     unpack_nibbles,
 )
@@ -118,13 +119,12 @@ def _compute_dtype(param: torch.Tensor) -> torch.dtype:
 def _column_offsets(layout: TopKLayout, j0: int, j1: int, device: torch.device) -> torch.Tensor:
     """Start, relative to block ``j0``, of the block that owns each window column of blocks
     ``j0 .. j1 - 1`` (int64, one entry per column)."""
-    full = max(0, min(j1, layout.num_full) - j0)
-    counts = [layout.k_block] * full
-    if j1 > layout.num_full:
-        counts.append(layout.k_tail)
-    blocks = torch.arange(len(counts), device=device, dtype=torch.int64)
-    reps = torch.tensor(counts, device=device, dtype=torch.int64)
-    return blocks.repeat_interleave(reps, output_size=sum(counts)) * layout.block_size
+    c0, c1 = layout.columns(j0, j1)
+    cols = torch.arange(c0, c1, device=device, dtype=torch.int64)
+    # Full block j owns columns [j k_block, (j+1) k_block); the short tail block (k_tail <=
+    # k_block) owns the columns after them, so integer division lands on num_full for it.
+    block = cols // max(layout.k_block, 1) if layout.k_block else torch.zeros_like(cols)
+    return (block.clamp_(max=layout.num_full) - j0) * layout.block_size
 
 
 def _codes_of(state: dict, start: int, end: int, bits: int) -> torch.Tensor:
@@ -135,12 +135,14 @@ def _codes_of(state: dict, start: int, end: int, bits: int) -> torch.Tensor:
     return codes[start:end]
 
 
+def _store_packed(state: dict, start: int, packed: torch.Tensor, bits: int) -> None:
+    """Write packed codes of elements from ``start`` on (``start`` even)."""
+    offset = start // 2 if bits == 4 else start
+    state["ef_codes"][offset : offset + packed.numel()] = packed
+
+
 def _store_codes(state: dict, start: int, codes: torch.Tensor, bits: int) -> None:
-    if bits == 4:
-        packed = pack_nibbles(codes)
-        state["ef_codes"][start // 2 : start // 2 + packed.numel()] = packed
-    else:
-        state["ef_codes"][start : start + codes.numel()] = codes
+    _store_packed(state, start, pack_nibbles(codes) if bits == 4 else codes, bits)
 
 
 def _bucket_params(
@@ -162,7 +164,15 @@ def _corrected_gradient(
     a = grad[start:end].to(dtype, copy=True)  # never alias p.grad: it is read, not written
     if h["maximize"]:
         a.neg_()
-    if h["error_feedback"]:
+    if h["error_feedback"] and start % h["quant_block_size"] == 0:
+        q, bits = h["quant_block_size"], h["quant_bits"]
+        b0, b1 = start // q, -(-end // q)
+        codes = state["ef_codes"]
+        packed = codes[start // 2 : (end + 1) // 2] if bits == 4 else codes[start:end]
+        a += dequantize(
+            packed, state["ef_min"][b0:b1], state["ef_max"][b0:b1], end - start, q, bits, dtype
+        )
+    elif h["error_feedback"]:
         lo_e, step_e = _bucket_params(
             state["ef_min"],
             state["ef_max"],
@@ -269,13 +279,9 @@ def micro_adam_step_(
             # Alg. 1 line 7: the error is what Top-K dropped.
             a.index_fill_(0, idx.to(torch.int64) + offsets, 0)
             if one_pass:
-                lo, hi = bucket_range(a, q)
-                lo_e = expand_buckets(lo.to(dtype), 0, end - start, q)
-                step_e = expand_buckets(
-                    (hi.to(dtype) - lo.to(dtype)) / code_levels(bits), 0, end - start, q
-                )
-                codes = encode(a, lo_e, step_e, bits, _noise(state, step, start, end - start, h, a))
-                _store_codes(state, start, codes, bits)
+                noise = _noise(state, step, start, end - start, h, a)
+                codes, lo, hi = quantize(a, q, bits, noise)
+                _store_packed(state, start, codes, bits)
                 state["ef_min"][start // q : start // q + lo.numel()] = lo
                 state["ef_max"][start // q : start // q + hi.numel()] = hi
             else:

@@ -1,0 +1,1 @@
+"""The bench: offline workloads, a runner and reports used by the ``microadam`` command."""

@@ -1,0 +1,198 @@
+"""Every optimizer of the library by name: ``create_optimizer`` and ``list_optimizers``.
+
+What PyTorch ships correctly is used as it is (the registry only fixes a default where a
+name implies one, e.g. ``amsgrad``); what nobody ships well is ours; optional peers are
+listed only when their package is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["OptimizerSpec", "create_optimizer", "get_spec", "list_optimizers", "param_groups"]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How a registry name is built and what it costs.
+
+    Attributes:
+        name: the registry name.
+        target: ``"module:attribute"`` of the class (imported lazily).
+        backed_by: what implements it, for the README table.
+        state_formula: optimizer-state bytes per parameter, as a formula.
+        needs_closure: whether ``step`` requires a closure (line-search methods).
+        preset: keyword arguments the name implies (``amsgrad=True`` for ``amsgrad``).
+        requires: the optional package that must be importable, if any.
+        grouping: how a module is split into param groups: ``"decay"`` (see
+            :func:`param_groups`), ``"muon"`` (matrices to Muon, the rest to AdamW) or
+            ``"flat"`` (one group, for the single-group line-search methods).
+    """
+
+    name: str
+    target: str
+    backed_by: str
+    state_formula: str
+    needs_closure: bool = False
+    preset: dict[str, Any] = field(default_factory=dict)
+    requires: str | None = None
+    grouping: str = "decay"
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+    def load(self) -> Callable[..., torch.optim.Optimizer]:
+        module, attr = self.target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_SPECS: dict[str, OptimizerSpec] = {}
+
+
+def _register(spec: OptimizerSpec) -> None:
+    _SPECS[spec.name] = spec
+
+
+for _spec in (
+    OptimizerSpec("sgd", "torch.optim:SGD", "torch.optim.SGD", "0 (4 with momentum)"),
+    OptimizerSpec(
+        "rmsprop", "torch.optim:RMSprop", "torch.optim.RMSprop", "4 (+4 momentum, +4 centered)"
+    ),
+    OptimizerSpec("adagrad", "torch.optim:Adagrad", "torch.optim.Adagrad", "4"),
+    OptimizerSpec("adadelta", "torch.optim:Adadelta", "torch.optim.Adadelta", "8"),
+    OptimizerSpec("adam", "torch.optim:Adam", "torch.optim.Adam", "8"),
+    OptimizerSpec("adamw", "torch.optim:AdamW", "torch.optim.AdamW", "8"),
+    OptimizerSpec(
+        "amsgrad",
+        "torch.optim:Adam",
+        "torch.optim.Adam(amsgrad=True)",
+        "12",
+        preset={"amsgrad": True},
+    ),
+    OptimizerSpec(
+        "lbfgs",
+        "torch.optim:LBFGS",
+        "torch.optim.LBFGS",
+        "8 * history_size + 12 (+ scalars)",
+        needs_closure=True,
+    ),
+    OptimizerSpec(
+        "adafactor",
+        "torch.optim:Adafactor",
+        "torch.optim.Adafactor",
+        "4 (m + n) / (m n) for a matrix, 4 for vectors",
+    ),
+    OptimizerSpec(
+        "microadam",
+        "microadam.optim.micro_adam:MicroAdam",
+        "microadam.MicroAdam",
+        "0.5 + 4 m density + 4 / Q  (~0.96 at defaults)",
+    ),
+):
+    _register(_spec)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` of ``name`` (case-insensitive); ``ValueError`` if unknown."""
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    spec = _SPECS.get(key)
+    if spec is None:
+        raise ValueError(
+            f"Invalid optimizer name: {name!r} (expected one of {', '.join(sorted(_SPECS))})"
+        )
+    if not spec.available():
+        raise ValueError(
+            f"Optimizer {name!r} needs the optional package {spec.requires!r}, which is not "
+            f"installed (pip install 'microadam[peers]')"
+        )
+    return spec
+
+
+def list_optimizers(include_unavailable: bool = False) -> list[str]:
+    """Registry names, sorted; optional peers only when their package is installed."""
+    return sorted(n for n, s in _SPECS.items() if include_unavailable or s.available())
+
+
+_NORM_TYPES = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+)  # fmt: skip
+
+
+def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Split a module's trainable parameters into decayed and non-decayed groups.
+
+    Biases, the weights of normalization layers (LayerNorm, RMSNorm, BatchNorm, GroupNorm,
+    InstanceNorm) and every other parameter with fewer than two dimensions get
+    ``weight_decay=0``; everything else (weight matrices, embeddings, convolutions) keeps
+    the optimizer's weight decay (``weight_decay`` if given). Empty groups are dropped.
+    """
+    no_decay_ids = set()
+    norm_types = _NORM_TYPES + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, norm_types) or name == "bias" or p.ndim < 2:
+                no_decay_ids.add(id(p))
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if id(p) in no_decay_ids else decay).append(p)
+    groups: list[dict[str, Any]] = []
+    if decay:
+        groups.append(
+            {"params": decay}
+            if weight_decay is None
+            else {"params": decay, "weight_decay": weight_decay}
+        )
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def create_optimizer(
+    name: str,
+    params_or_model: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    **hyperparameters: Any,
+) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name``.
+
+    Args:
+        name: a name from :func:`list_optimizers` (case-insensitive, ``-`` or ``_``).
+        params_or_model: parameters, param groups, or an ``nn.Module``. A module is split
+            by :func:`param_groups` (no weight decay on biases and normalization weights);
+            for ``muon``, 2-D hidden matrices go to Muon and everything else to AdamW.
+        **hyperparameters: passed unchanged to the optimizer class; an unknown keyword
+            raises ``TypeError`` there.
+
+    Example:
+        >>> import torch
+        >>> from microadam import create_optimizer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = create_optimizer("adamw", model, lr=1e-3, weight_decay=0.1)
+        >>> [g["weight_decay"] for g in opt.param_groups]
+        [0.1, 0.0]
+    """
+    spec = get_spec(name)
+    cls = spec.load()
+    kwargs = {**spec.preset, **hyperparameters}
+    if isinstance(params_or_model, nn.Module):
+        if spec.grouping == "muon":
+            from microadam.optim.muon import muon_param_groups
+
+            params: Any = muon_param_groups(params_or_model)
+        elif spec.grouping == "flat":
+            params = [p for p in params_or_model.parameters() if p.requires_grad]
+        else:
+            params = param_groups(params_or_model)
+    else:
+        params = list(params_or_model)
+    return cls(params, **kwargs)
