@@ -1,5 +1,30 @@
-"""Optimizers: one module per family."""
+"""Optimizers: one module per family, and the registry that names them all."""
 
+from microadam.optim.bfgs import BFGS
 from microadam.optim.micro_adam import MicroAdam
+from microadam.optim.minimize import OptimizeResult, minimize
+from microadam.optim.muon import Muon, muon_param_groups, zeropower_via_newtonschulz
+from microadam.optim.newton import Newton
+from microadam.optim.registry import (
+    OptimizerSpec,
+    create_optimizer,
+    get_spec,
+    list_optimizers,
+    param_groups,
+)
 
-__all__ = ["MicroAdam"]
+__all__ = [
+    "BFGS",
+    "MicroAdam",
+    "Muon",
+    "Newton",
+    "OptimizeResult",
+    "OptimizerSpec",
+    "create_optimizer",
+    "get_spec",
+    "list_optimizers",
+    "minimize",
+    "muon_param_groups",
+    "param_groups",
+    "zeropower_via_newtonschulz",
+]
