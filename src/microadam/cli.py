@@ -41,6 +41,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_SIZES = {
+    "small": dict(d_model=128, n_layer=4, n_head=4),
+    "medium": dict(d_model=256, n_layer=4, n_head=4),
+    "large": dict(d_model=384, n_layer=6, n_head=6),
+}
+
+
+def _memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from microadam.bench.models import TinyGPT
+    from microadam.memory import state_bytes
+    from microadam.optim.registry import create_optimizer, get_spec, list_optimizers
+
+    names = args.optimizers.split(",") if args.optimizers else list_optimizers()
+    sizes = args.sizes.split(",")
+    print("Optimizer-state bytes per parameter after one step on the byte-level transformer")
+    print("(context 256; parameters and gradients float32; closure-based methods skipped)\n")
+    models = {}
+    for size in sizes:
+        torch.manual_seed(0)
+        models[size] = TinyGPT(context=256, **MODEL_SIZES[size])
+    counts = [
+        f"{size} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M)"
+        for size, m in models.items()
+    ]
+    print("| optimizer | " + " | ".join(counts) + " |")
+    print("| --- |" + " --- |" * len(sizes))
+    for name in names:
+        if get_spec(name).needs_closure:
+            continue
+        cells = []
+        for model in models.values():
+            opt = create_optimizer(name, model)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+            n = sum(p.numel() for p in model.parameters())
+            cells.append(f"{state_bytes(opt) / n:.3f}")
+            del opt
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="microadam", description="MicroAdam and the optimizer canon, side by side."
@@ -52,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(func=_demo)
+    memory = sub.add_parser("memory", help="optimizer-state bytes per parameter, by optimizer")
+    memory.add_argument("--optimizers", default="", help="comma-separated names (default: all)")
+    memory.add_argument("--sizes", default="medium", help=f"any of {', '.join(MODEL_SIZES)}")
+    memory.set_defaults(func=_memory)
     return parser
 
 
