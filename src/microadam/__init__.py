@@ -3,6 +3,7 @@
 from microadam.memory import state_bytes, state_bytes_per_param
 from microadam.optim import (
     BFGS,
+    Adapprox,
     MicroAdam,
     Muon,
     Newton,
@@ -15,6 +16,7 @@ from microadam.optim import (
 
 __all__ = [
     "BFGS",
+    "Adapprox",
     "MicroAdam",
     "Muon",
     "Newton",

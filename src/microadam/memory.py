@@ -11,27 +11,27 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["num_params", "state_bytes", "state_bytes_per_param"]
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    """Plain tensors reachable from ``obj``, looking inside tensor subclasses (DTensor's local
+    shard, torchao's quantized optimizer states) so that their real buffers are counted."""
     if isinstance(obj, torch.Tensor):
-        yield obj
+        if is_traceable_wrapper_subclass(obj):
+            names, _ = obj.__tensor_flatten__()
+            for name in names:
+                yield from _tensors(getattr(obj, name))
+        else:
+            yield obj
     elif isinstance(obj, Mapping):
         for value in obj.values():
             yield from _tensors(value)
     elif isinstance(obj, list | tuple):
         for value in obj:
             yield from _tensors(value)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    # Views share an untyped storage; key it by device and data pointer. Local shards of
-    # distributed tensors are counted through their local tensor.
-    local = t.to_local() if hasattr(t, "to_local") else t
-    storage = local.untyped_storage()
-    return (str(local.device), storage.data_ptr())
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -56,12 +56,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     seen: dict[tuple[str, int], int] = {}
     for per_param in optimizer.state.values():
         for t in _tensors(per_param):
-            local = t.to_local() if hasattr(t, "to_local") else t
-            nbytes = local.untyped_storage().nbytes()
-            if nbytes == 0:
+            storage = t.untyped_storage()
+            if storage.nbytes() == 0:
                 continue
-            key = _storage_key(t)
-            seen[key] = max(seen.get(key, 0), nbytes)
+            # Views share one storage: key it by device and data pointer.
+            key = (str(t.device), storage.data_ptr())
+            seen[key] = max(seen.get(key, 0), storage.nbytes())
     return sum(seen.values())
 
 

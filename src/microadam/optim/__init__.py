@@ -1,5 +1,6 @@
 """Optimizers: one module per family, and the registry that names them all."""
 
+from microadam.optim.adapprox import Adapprox
 from microadam.optim.bfgs import BFGS
 from microadam.optim.micro_adam import MicroAdam
 from microadam.optim.minimize import OptimizeResult, minimize
@@ -8,6 +9,7 @@ from microadam.optim.newton import Newton
 from microadam.optim.registry import (
     OptimizerSpec,
     create_optimizer,
+    galore_param_groups,
     get_spec,
     list_optimizers,
     param_groups,
@@ -15,12 +17,14 @@ from microadam.optim.registry import (
 
 __all__ = [
     "BFGS",
+    "Adapprox",
     "MicroAdam",
     "Muon",
     "Newton",
     "OptimizeResult",
     "OptimizerSpec",
     "create_optimizer",
+    "galore_param_groups",
     "get_spec",
     "list_optimizers",
     "minimize",

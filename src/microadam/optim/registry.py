@@ -95,6 +95,57 @@ for _spec in (
         "microadam.MicroAdam",
         "0.5 + 4 m density + 4 / Q  (~0.96 at defaults)",
     ),
+    OptimizerSpec(
+        "adapprox",
+        "microadam.optim.adapprox:Adapprox",
+        "microadam.Adapprox",
+        "4 k (m + n) / (m n) per matrix (+4 first moment); 4 (+4) for vectors",
+    ),
+    OptimizerSpec(
+        "muon",
+        "microadam.optim.muon:Muon",
+        "microadam.Muon (AdamW for non-matrices)",
+        "4 for matrices, 8 for the AdamW part",
+        grouping="muon",
+    ),
+    OptimizerSpec(
+        "newton",
+        "microadam.optim.newton:Newton",
+        "microadam.Newton",
+        "0 kept (dense n x n Hessian built during step)",
+        needs_closure=True,
+        grouping="flat",
+    ),
+    OptimizerSpec(
+        "bfgs",
+        "microadam.optim.bfgs:BFGS",
+        "microadam.BFGS",
+        "8 n (dense n x n inverse Hessian)",
+        needs_closure=True,
+        grouping="flat",
+    ),
+    OptimizerSpec(
+        "adamw8bit",
+        "bitsandbytes.optim:AdamW8bit",
+        "bitsandbytes.optim.AdamW8bit",
+        "2 (+ block absmax)",
+        requires="bitsandbytes",
+    ),
+    OptimizerSpec(
+        "galore_adamw",
+        "galore_torch:GaLoreAdamW",
+        "galore_torch.GaLoreAdamW",
+        "8 r / n + 4 r / n per m x n matrix (rank r, m >= n); 8 for the rest",
+        requires="galore_torch",
+        grouping="galore",
+    ),
+    OptimizerSpec(
+        "adamw4bit",
+        "torchao.optim:AdamW4bit",
+        "torchao.optim.AdamW4bit",
+        "1 (+ block scales) for tensors of >= 4096 elements; 8 below",
+        requires="torchao",
+    ),
 ):
     _register(_spec)
 
@@ -158,6 +209,37 @@ def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[di
     return groups
 
 
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def galore_param_groups(
+    model: nn.Module,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+) -> list[dict[str, Any]]:
+    """GaLore's split: 2-D weight matrices get a low-rank projected group, the rest plain.
+
+    The rank is capped at the smaller side of each matrix's group (matrices smaller than
+    ``rank`` on both sides are projected at their own full rank, which GaLore allows).
+    Defaults are the GaLore paper's (rank 128, refresh every 200 steps, scale 0.25).
+    """
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim == 2]
+    ids = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups: list[dict[str, Any]] = []
+    if matrices:
+        cap = min(min(p.shape) for p in matrices)
+        groups.append({
+            "params": matrices, "rank": min(rank, cap), "update_proj_gap": update_proj_gap,
+            "scale": scale, "proj_type": proj_type,
+        })  # fmt: skip
+    if rest:
+        groups.append({"params": rest})
+    return groups
+
+
 def create_optimizer(
     name: str,
     params_or_model: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -169,7 +251,11 @@ def create_optimizer(
         name: a name from :func:`list_optimizers` (case-insensitive, ``-`` or ``_``).
         params_or_model: parameters, param groups, or an ``nn.Module``. A module is split
             by :func:`param_groups` (no weight decay on biases and normalization weights);
-            for ``muon``, 2-D hidden matrices go to Muon and everything else to AdamW.
+            for ``muon``, 2-D hidden matrices go to Muon and everything else to AdamW
+            (:func:`microadam.optim.muon.muon_param_groups`); for ``galore_adamw``, 2-D
+            matrices get GaLore's projection (:func:`galore_param_groups`, whose ``rank``,
+            ``update_proj_gap``, ``scale`` and ``proj_type`` may be passed here); the
+            closure-based ``lbfgs``, ``newton`` and ``bfgs`` take one flat group.
         **hyperparameters: passed unchanged to the optimizer class; an unknown keyword
             raises ``TypeError`` there.
 
@@ -189,6 +275,9 @@ def create_optimizer(
             from microadam.optim.muon import muon_param_groups
 
             params: Any = muon_param_groups(params_or_model)
+        elif spec.grouping == "galore":
+            galore = {k: kwargs.pop(k) for k in GALORE_KEYS if k in kwargs}
+            params = galore_param_groups(params_or_model, **galore)
         elif spec.grouping == "flat":
             params = [p for p in params_or_model.parameters() if p.requires_grad]
         else:
