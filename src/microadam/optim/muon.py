@@ -698,6 +698,7 @@ def muon_param_groups(
     if isinstance(model_or_named_params, nn.Module):
         model = model_or_named_params
         named = model.named_parameters(remove_duplicate=False)
+        from_module = True
         owned_by_adamw = [
             m for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)
         ]
@@ -708,6 +709,7 @@ def muon_param_groups(
             adamw_modules.update(id(p) for p in module.parameters(recurse=False))
     else:
         named = model_or_named_params
+        from_module = False
     for name, p in named:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"muon_param_groups: {name!r} is a {type(p).__name__}, not a tensor")
@@ -722,6 +724,8 @@ def muon_param_groups(
 
     muon_params, adamw_params = [], []
     for p in tensors.values():
+        if from_module and not p.requires_grad:  # a module's frozen parameters are left out
+            continue
         (adamw_params if to_adamw(p) else muon_params).append(p)
     return [
         {**(muon_options or {}), "params": muon_params, "use_muon": True},

@@ -82,6 +82,7 @@ for _spec in (
         "torch.optim.LBFGS",
         "8 * history_size + 12 (+ scalars)",
         needs_closure=True,
+        grouping="flat",
     ),
     OptimizerSpec(
         "adafactor",
@@ -152,8 +153,9 @@ for _spec in (
 
 def get_spec(name: str) -> OptimizerSpec:
     """The :class:`OptimizerSpec` of ``name`` (case-insensitive); ``ValueError`` if unknown."""
-    key = name.lower().replace("-", "_") if isinstance(name, str) else name
-    spec = _SPECS.get(key)
+    if not isinstance(name, str):
+        raise ValueError(f"Invalid optimizer name: {name!r} (expected a string)")
+    spec = _SPECS.get(name.lower().replace("-", "_"))
     if spec is None:
         raise ValueError(
             f"Invalid optimizer name: {name!r} (expected one of {', '.join(sorted(_SPECS))})"
@@ -269,6 +271,12 @@ def create_optimizer(
     """
     spec = get_spec(name)
     cls = spec.load()
+    for key, value in spec.preset.items():
+        if key in hyperparameters and hyperparameters[key] != value:
+            raise ValueError(
+                f"Invalid {key}: {hyperparameters[key]!r} (the name {spec.name!r} means "
+                f"{key}={value!r}; use another name for other values)"
+            )
     kwargs = {**spec.preset, **hyperparameters}
     if isinstance(params_or_model, nn.Module):
         if spec.grouping == "muon":
