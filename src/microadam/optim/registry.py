@@ -94,7 +94,7 @@ for _spec in (
         "microadam",
         "microadam.optim.micro_adam:MicroAdam",
         "microadam.MicroAdam",
-        "0.5 + 4 m density + 4 / Q  (~0.96 at defaults)",
+        "0.5 + 4 m density + 4 / Q  (~0.92 at defaults)",
     ),
     OptimizerSpec(
         "adapprox",
