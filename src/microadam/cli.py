@@ -85,6 +85,20 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    from microadam.optim.registry import all_specs
+
+    print("| name | backed by | state bytes per parameter | needs a closure | installed |")
+    print("| --- | --- | --- | --- | --- |")
+    for spec in all_specs():
+        name = spec.name
+        print(
+            f"| `{name}` | {spec.backed_by} | {spec.state_formula} | "
+            f"{'yes' if spec.needs_closure else 'no'} | {'yes' if spec.available() else 'no'} |"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="microadam", description="MicroAdam and the optimizer canon, side by side."
@@ -96,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(func=_demo)
+    listing = sub.add_parser("list", help="every registry name as a markdown table")
+    listing.set_defaults(func=_list)
     memory = sub.add_parser("memory", help="optimizer-state bytes per parameter, by optimizer")
     memory.add_argument("--optimizers", default="", help="comma-separated names (default: all)")
     memory.add_argument("--sizes", default="medium", help=f"any of {', '.join(MODEL_SIZES)}")

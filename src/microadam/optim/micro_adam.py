@@ -273,7 +273,7 @@ def micro_adam_step_(
         j0, j1 = start // topk_block_size, -(-end // topk_block_size)
         c0, c1 = layout.columns(j0, j1)
         offsets = _column_offsets(layout, j0, j1, param.device)
-        chunks.append((start, end, c0, c1, offsets))
+        chunks.append((start, end, j0, j1))  # ints only: nothing of size k outlives a chunk
 
         a = _corrected_gradient(flat_grad, state, start, end, h, dtype)
         # Alg. 1 lines 5-6: Top-K per block, recorded as row (t - 1) mod m of the window.
@@ -314,7 +314,9 @@ def micro_adam_step_(
         # Second pass: the bucket ranges are complete, so quantize the error now. The
         # corrected gradient is rebuilt from the old codes, which are still in place.
         lo_all, hi_all = new_lo.to(torch.bfloat16), new_hi.to(torch.bfloat16)
-        for start, end, c0, c1, offsets in chunks:
+        for start, end, j0, j1 in chunks:
+            c0, c1 = layout.columns(j0, j1)
+            offsets = _column_offsets(layout, j0, j1, param.device)
             a = _corrected_gradient(flat_grad, state, start, end, h, dtype)
             a.index_fill_(0, win_idx[row, c0:c1].to(torch.int64) + offsets, 0)
             lo_e, step_e = _bucket_params(lo_all, hi_all, start, end - start, q, bits, dtype)

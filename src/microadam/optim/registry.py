@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OptimizerSpec", "create_optimizer", "get_spec", "list_optimizers", "param_groups"]
+__all__ = [
+    "OptimizerSpec",
+    "all_specs",
+    "create_optimizer",
+    "get_spec",
+    "list_optimizers",
+    "param_groups",
+]
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,11 @@ def get_spec(name: str) -> OptimizerSpec:
             f"installed (pip install 'microadam[peers]')"
         )
     return spec
+
+
+def all_specs() -> list[OptimizerSpec]:
+    """Every registered :class:`OptimizerSpec`, installed or not, in registration order."""
+    return list(_SPECS.values())
 
 
 def list_optimizers(include_unavailable: bool = False) -> list[str]:
