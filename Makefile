@@ -1,5 +1,5 @@
 # The two commands a fresh clone needs (see README):
-#   make demo   - quick MicroAdam vs AdamW comparison (the main job)
+#   make demo   - quick bench: MicroAdam vs AdamW vs Adafactor on a byte-level LM (the main job)
 #   make test   - lint + the whole test suite
 #
 # Torch: if the virtual environment already has torch, it is kept. Otherwise
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/microadam demo
+	$(BIN)/microadam bench lm --quick
 
 test: install
 	$(BIN)/ruff check src tests examples

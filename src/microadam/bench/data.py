@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import sysconfig
 from pathlib import Path
 
@@ -50,10 +51,18 @@ class ByteCorpus:
     """
 
     def __init__(self, data: bytes, context: int, val_fraction: float = 0.1, seed: int = 0):
-        if len(data) < 4 * (context + 1):
-            raise ValueError(f"Invalid data: {len(data)} bytes is too short for context {context}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(
+                f"Invalid val_fraction: {val_fraction} (expected 0 < val_fraction < 1)"
+            )
+        cut = int(len(data) * (1 - val_fraction))
+        if min(cut, len(data) - cut) < 2 * (context + 1):
+            need = math.ceil(2 * (context + 1) / min(val_fraction, 1 - val_fraction))
+            raise ValueError(
+                f"Invalid data: {len(data)} bytes is too short for context {context} with "
+                f"val_fraction {val_fraction} (need at least {need} bytes)"
+            )
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-        cut = int(len(tokens) * (1 - val_fraction))
         self.train, self.val = tokens[:cut], tokens[cut:]
         self.context = context
         self.generator = torch.Generator().manual_seed(seed)
@@ -69,7 +78,13 @@ class ByteCorpus:
         return self._windows(self.train, starts)
 
     def val_batches(self, batch_size: int, num_batches: int):
-        high = len(self.val) - self.context - 1
+        """Fixed, evenly spaced windows of the validation split."""
+        return self.eval_batches("val", batch_size, num_batches)
+
+    def eval_batches(self, split: str, batch_size: int, num_batches: int):
+        """Fixed, evenly spaced windows of ``split`` (``"train"`` or ``"val"``)."""
+        source = self.train if split == "train" else self.val
+        high = len(source) - self.context - 1
         starts = torch.linspace(0, high, batch_size * num_batches).long()
         for chunk in starts.split(batch_size):
-            yield self._windows(self.val, chunk)
+            yield self._windows(source, chunk)

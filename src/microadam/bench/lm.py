@@ -1,133 +1,135 @@
-"""Train the byte-level language model with any registry optimizer and measure it."""
+"""The ``lm`` workload: a byte-level GPT trained on Python's own source code (or any text).
+
+The default model (:data:`LM_DEFAULT`) has 3.36M parameters: 4 pre-norm blocks of width
+256 and 4 heads, context 256, vocabulary the 256 byte values. The text is a deterministic
+1 MB sample of the standard library's source (:func:`microadam.bench.data.stdlib_text`)
+or any file (``text_path``); its last 10% is the validation split. Both splits are scored
+in bits per byte (cross-entropy / ln 2) on fixed, evenly spaced windows.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from microadam.bench.data import ByteCorpus, stdlib_text
 from microadam.bench.models import TinyGPT
-from microadam.memory import state_bytes
-from microadam.optim.registry import create_optimizer
+from microadam.bench.workloads import Task, Workload
 
-__all__ = ["LMConfig", "LMResult", "train_lm"]
+__all__ = ["LM_DEFAULT", "LM_QUICK", "LMConfig", "LMWorkload"]
 
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Model and training settings of one language-model run."""
+    """Model, data and evaluation settings of the language-model workload."""
 
-    steps: int = 200
-    batch_size: int = 16
-    context: int = 128
-    d_model: int = 128
+    context: int = 256
+    d_model: int = 256
     n_layer: int = 4
     n_head: int = 4
+    batch_size: int = 16
     corpus_bytes: int = 1_000_000
-    val_batches: int = 8
-    eval_every: int = 50
-    seed: int = 0
-    device: str = "cpu"
+    val_fraction: float = 0.1
+    eval_batches: int = 4
+    text_path: str | None = None
 
 
-@dataclass
-class LMResult:
-    """What one run measured (losses in bits per byte)."""
+LM_DEFAULT = LMConfig()
+# The README's quick bench: 0.28M parameters and a short context, so that three optimizers
+# with a two-point lr grid train for 400 steps in about a minute and a half on two CPU cores.
+LM_QUICK = LMConfig(
+    context=64, d_model=96, n_layer=2, n_head=4, batch_size=16, corpus_bytes=400_000,
+    eval_batches=4,
+)  # fmt: skip
 
-    optimizer: str
-    hyperparameters: dict[str, Any]
-    num_params: int
-    state_bytes: int
-    state_bytes_per_param: float
-    train_bpb: list[float] = field(default_factory=list)
-    val_bpb: list[tuple[int, float]] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    wall_time: float = 0.0
 
-    @property
-    def final_train_bpb(self) -> float:
-        tail = self.train_bpb[-max(1, len(self.train_bpb) // 10) :]
-        return statistics.fmean(tail)
+class LMWorkload(Workload):
+    """Train :class:`TinyGPT` on bytes of text; metric: bits per byte."""
 
-    @property
-    def final_val_bpb(self) -> float:
-        return self.val_bpb[-1][1]
+    name = "lm"
+    kind = "lm"
+    metric = "bpb"
+    metric_label = "bits per byte"
+    evaluations = 10
 
-    @property
-    def median_step_ms(self) -> float:
-        return 1000 * statistics.median(self.step_times)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["hyperparameters"] = {
-            k: str(v) if isinstance(v, torch.dtype) else v for k, v in self.hyperparameters.items()
-        }
-        out.update(
-            final_train_bpb=self.final_train_bpb,
-            final_val_bpb=self.final_val_bpb,
-            median_step_ms=self.median_step_ms,
+    def __init__(self, config: LMConfig | None = None, **overrides: Any):
+        cfg = replace(config or LM_DEFAULT, **overrides)
+        if cfg.d_model % cfg.n_head:
+            raise ValueError(f"Invalid n_head: {cfg.n_head} (must divide d_model={cfg.d_model})")
+        self.cfg = cfg
+        if cfg.text_path is not None:
+            path = Path(cfg.text_path)
+            if not path.is_file():
+                raise ValueError(f"Invalid text file: {str(path)!r} does not exist")
+            self.text = path.read_bytes()
+            self.source = f"{path.name} ({len(self.text):,} bytes)"
+        else:
+            self.text = stdlib_text(cfg.corpus_bytes, seed=0)
+            self.source = (
+                f"a deterministic {len(self.text):,}-byte sample of the Python standard "
+                f"library's source code"
+            )
+        ByteCorpus(self.text, cfg.context, cfg.val_fraction)  # check the length early
+        cut = int(len(self.text) * (1 - cfg.val_fraction))
+        self.validation = (
+            f"the last {cfg.val_fraction:.0%} of the text ({len(self.text) - cut:,} bytes); "
+            f"both splits scored on {cfg.eval_batches} x {cfg.batch_size} fixed windows"
         )
+
+    def config(self) -> dict[str, Any]:
+        out = asdict(self.cfg)
+        out["text"] = self.source
+        out["text_sha256"] = hashlib.sha256(self.text).hexdigest()[:16]
         return out
 
+    def num_params(self) -> int:
+        c = self.cfg
+        return sum(
+            p.numel() for p in TinyGPT(c.context, c.d_model, c.n_layer, c.n_head).parameters()
+        )
 
-@torch.no_grad()
-def _evaluate(model: TinyGPT, corpus: ByteCorpus, cfg: LMConfig) -> float:
-    model.eval()
-    losses = [
-        model(x.to(cfg.device), y.to(cfg.device))[1].item()
-        for x, y in corpus.val_batches(cfg.batch_size, cfg.val_batches)
-    ]
-    model.train()
-    return statistics.fmean(losses) / math.log(2)
+    def skip_reason(
+        self,
+        name: str,
+        needs_closure: bool,
+        num_params: int,
+        hyperparameters: dict[str, Any] | None = None,
+    ) -> str | None:
+        if needs_closure:
+            return (
+                "needs a closure over a fixed objective; the language model trains on "
+                "random mini-batches (a full-batch closure over the corpus is out of reach "
+                f"on a CPU, and {name}'s line search on one batch would change the method)"
+            )
+        return super().skip_reason(name, needs_closure, num_params, hyperparameters)
 
+    def make_task(self, seed: int, device: str = "cpu") -> Task:
+        c = self.cfg
+        corpus = ByteCorpus(self.text, c.context, c.val_fraction, seed=seed)
+        torch.manual_seed(seed)
+        model = TinyGPT(c.context, c.d_model, c.n_layer, c.n_head).to(device)
 
-def train_lm(
-    optimizer: str,
-    hyperparameters: dict[str, Any] | None = None,
-    cfg: LMConfig | None = None,
-    text: bytes | None = None,
-) -> LMResult:
-    """Train a fresh :class:`TinyGPT` on ``text`` (default: the stdlib sample) and measure.
+        def batch_loss() -> torch.Tensor:
+            x, y = corpus.train_batch(c.batch_size)
+            return model(x.to(device), y.to(device))[1]
 
-    The model initialization and the batches depend only on ``cfg.seed``, so optimizers
-    compared with the same config see the same model and the same data.
-    """
-    cfg = cfg or LMConfig()
-    hyperparameters = dict(hyperparameters or {})
-    data = text if text is not None else stdlib_text(cfg.corpus_bytes, seed=0)
-    corpus = ByteCorpus(data, cfg.context, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = TinyGPT(cfg.context, cfg.d_model, cfg.n_layer, cfg.n_head).to(cfg.device)
-    opt = create_optimizer(optimizer, model, **hyperparameters)
-    result = LMResult(
-        optimizer=optimizer,
-        hyperparameters=hyperparameters,
-        num_params=sum(p.numel() for p in model.parameters()),
-        state_bytes=0,
-        state_bytes_per_param=0.0,
-    )
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        x, y = corpus.train_batch(cfg.batch_size)
-        _, loss = model(x.to(cfg.device), y.to(cfg.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        opt.step()
-        if cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        result.step_times.append(time.perf_counter() - t0)
-        result.train_bpb.append(loss.item() / math.log(2))
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            result.val_bpb.append((step, _evaluate(model, corpus, cfg)))
-    result.wall_time = time.perf_counter() - start
-    result.state_bytes = state_bytes(opt)
-    result.state_bytes_per_param = result.state_bytes / result.num_params
-    return result
+        @torch.no_grad()
+        def evaluate() -> dict[str, float]:
+            model.eval()
+            out = {}
+            for split in ("train", "val"):
+                losses = [
+                    model(x.to(device), y.to(device))[1].item()
+                    for x, y in corpus.eval_batches(split, c.batch_size, c.eval_batches)
+                ]
+                out[split] = statistics.fmean(losses) / math.log(2)
+            model.train()
+            return out
+
+        return Task(model, batch_loss, None, evaluate, metric_scale=1 / math.log(2))

@@ -1,0 +1,1081 @@
+// Fused CPU step of MicroAdam (built and loaded by microadam/kernels/micro_adam_cpu.py).
+//
+// It computes what microadam.optim.micro_adam.micro_adam_step_ computes, on the same
+// state tensors, in one pass over each "unit" of whole Top-K blocks and whole quantization
+// buckets (lcm(B, Q, 2) elements, grouped to about 4096): the unit's corrected gradient
+// lives in a per-thread float buffer that stays in cache, each gradient element and each
+// error code is read from memory once, and without weight decay the parameters are touched
+// only at the window's coordinates. Units go to the threads of torch's intra-op pool in
+// short runs through an atomic counter, so a thread the OS preempts (the machine may be
+// shared) does not hold the others up the way a static split would.
+//
+// Rounding matches the PyTorch path operation by operation. The file is compiled with
+// -ffp-contract=off, so no multiply-add is fused unless written as std::fma:
+//   a      = g + (float(code) * u + lo)             decode() then add: two roundings
+//   u      = (float(hi) - float(lo)) / L             per bucket, float32
+//   code   = clamp(floor((a - lo) / u + 1/2 or xi), 0, L), 0 where u == 0
+//   M      = ((0 + v_r0 * b1^age_r0) + v_r1 * b1^age_r1) + ...   rows in storage order,
+//            as index_add_ adds them; S likewise with (v * v) * b2^age
+//   u      = M * c1 / (sqrt(S * c2) + eps), 0 where the denominator is 0
+//   p      = fma(u, -lr, p * (1 - lr * wd))          torch's add_(u, alpha=-lr) is one fma
+// sqrt is IEEE (the PyTorch path takes it through float64 for the same result); bf16 and
+// fp16 conversions are c10's round-to-nearest-even, as torch's .to() does.
+//
+// Portable C++ does everything; where the compiler targets AVX-512 (-march=native on such
+// a CPU) and the block and bucket sizes are multiples of 16, the hot loops use it
+// directly: loading a unit (gradient, decoded error, Top-K candidates, in one pass) and
+// encoding a bucket (codes computed and packed in registers).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MICROADAM_AVX512 1
+#else
+#define MICROADAM_AVX512 0
+#endif
+
+namespace microadam_cpu {
+namespace {
+
+// Columns of meta_int, one row per parameter (built by micro_adam_multi_step_).
+enum MetaInt : int64_t {
+  kNumel = 0,
+  kNumFull,  // full Top-K blocks
+  kKBlock,   // kept per full block
+  kTail,     // elements of the short last block (0 if none)
+  kKTail,    // kept by it
+  kWidth,    // k, the number of window columns
+  kRow,      // window row written at this step, (t - 1) mod m
+  kRows,     // rows written so far, min(t, m)
+  kNoiseKey,  // noise_key(seed, t) of stochastic rounding
+  kMetaIntSize
+};
+// meta_float row: the two bias factors (1 - beta) / (1 - beta^t), then beta1^age of each
+// storage row (m entries), then beta2^age (m entries), all in double as window_direction
+// computes them.
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+constexpr uint32_t kNoGuess = 0xffffffffu;  // above every key: "no candidate threshold"
+
+struct Config {
+  float neg_lr;   // float(-lr), the alpha of add_
+  float wd_mult;  // float(1 - lr * weight_decay)
+  bool has_wd;
+  float eps;
+  int64_t m, block, bucket, unit, bits;
+  bool ef, stochastic, maximize;
+  bool fast;  // AVX-512 loops apply: block (and bucket, with error feedback) % 16 == 0
+};
+
+struct Job {
+  void* p;
+  const void* g;
+  int16_t* widx;
+  void* wval;
+  uint8_t* codes;
+  c10::BFloat16* emin;
+  c10::BFloat16* emax;
+  int64_t numel, num_full, k_block, tail, k_tail, width, row, rows;
+  uint32_t key;
+  float c1, c2;
+  std::vector<float> decay1, decay2;  // per storage row, cast from double
+  int pdt, vdt;
+};
+
+// Per-thread buffers, sized by the unit and the block: the step's whole scratch memory
+// (about 13 bytes per unit element plus 40 per block element; 100 KiB at the defaults).
+struct Scratch {
+  std::vector<float> a;           // corrected gradient of the unit
+  std::vector<uint8_t> code;      // unpacked codes of the unit (portable path; +2 padding)
+  std::vector<int32_t> cand;      // Top-K candidates of the unit: indices (+16 slack)...
+  std::vector<uint32_t> keys;     // ...and their |a| bits (+16 slack)
+  std::vector<int64_t> cand_at;   // where each block's candidates start in cand
+  std::vector<int32_t> bcand;     // candidates of one block for select_topk (+16 slack)...
+  std::vector<uint32_t> bkeys;    // ...and their keys (+16 slack)
+  std::vector<uint32_t> sample;   // strided sample of keys
+  std::vector<int32_t> sel;       // kept indices of one block
+  std::vector<float> m1, m2;      // moment accumulators of one block, zero between uses
+  std::vector<uint8_t> mark;      // whether a block coordinate is listed, zero between uses
+  std::vector<int32_t> listed;    // distinct window coordinates of one block
+  std::vector<float> um1, um2;    // their moments, then u and new values
+  const void* guess_owner = nullptr;  // the tensor whose last block set the guess
+  uint32_t guess = kNoGuess;          // candidate threshold for its next block
+  float guess_factor = 0.8f;          // guess = last threshold * guess_factor
+  explicit Scratch(const Config& c)
+      : a(c.unit + 16),
+        code(c.unit + 2),
+        cand(c.unit + 16),
+        keys(c.unit + 16),
+        cand_at(c.unit / c.block + 2),
+        bcand(c.block + 16),
+        bkeys(c.block + 16),
+        sample(256),
+        sel(c.block),
+        m1(c.block, 0.0f),
+        m2(c.block, 0.0f),
+        mark(c.block, 0),
+        listed(c.block),
+        um1(c.block),
+        um2(c.block) {}
+};
+
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+template <typename T>
+inline T from_float(float x) {
+  return static_cast<T>(x);  // c10::BFloat16 and c10::Half round to nearest even
+}
+
+inline uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+inline float float_of(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+// |x| as bits: for non-negative floats the bit patterns order like the values.
+inline uint32_t key_of(const float* x, int64_t i) {
+  return bits_of(x[i]) & 0x7fffffffu;
+}
+
+// The integer finalizer of compress/quant.py's mix32.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// uniform_noise(seed, t, i) of compress/quant.py, from key = noise_key(seed, t).
+inline float noise_at(uint64_t i, uint32_t key) {
+  uint32_t h = mix32(static_cast<uint32_t>(i) ^ key);
+  h = mix32(h ^ static_cast<uint32_t>(i >> 32));
+  return static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+}
+
+// One code: clamp(floor((x - lo) / u + offset), 0, levels), for u > 0.
+inline uint8_t code_of(float x, float lo, float u, float offset, float levels) {
+  float y = (x - lo) / u;
+  y = std::floor(y + offset);
+  y = y < 0.0f ? 0.0f : y;
+  y = y > levels ? levels : y;
+  return static_cast<uint8_t>(static_cast<int32_t>(y));
+}
+
+// ---------------------------------------------------------------------------------------
+// Top-K selection on |a| bits ("keys").
+
+// Number of keys >= t (the compiler vectorizes this loop).
+inline int64_t count_at_least(const uint32_t* __restrict keys, int64_t n, uint32_t t) {
+  int32_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] >= t ? 1 : 0;
+  return c;
+}
+
+// A threshold t with count(keys >= t) >= k, built bit by bit from the top (keys < 2^31):
+// the k-th largest key, unless the search stops early because exactly k keys are >= t
+// (the kept set is then decided). Sets *count to count(keys >= t). Needs 1 <= k <= n.
+uint32_t kth_threshold(const uint32_t* keys, int64_t n, int64_t k, int64_t* count) {
+  uint32_t t = 0;
+  int64_t c = n;
+  for (int bit = 30; bit >= 0 && c != k; --bit) {
+    const uint32_t trial = t | (1u << bit);
+    const int64_t ct = count_at_least(keys, n, trial);
+    if (ct >= k) {
+      t = trial;
+      c = ct;
+    }
+  }
+  *count = c;
+  return t;
+}
+
+// The k largest of nc candidates (indices ascending, with their keys) into out, ascending:
+// every candidate above the threshold and the first ones equal to it, which is a valid
+// Top-K (ties may go either way) and needs no sort. Returns the threshold.
+uint32_t take_top(const int32_t* idx, const uint32_t* keys, int64_t nc, int64_t k,
+                  int32_t offset, int32_t* out) {
+  int64_t count;
+  const uint32_t t = kth_threshold(keys, nc, k, &count);
+  if (count == k) {
+    int64_t o = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      out[o] = idx[c] - offset;
+      o += keys[c] >= t ? 1 : 0;
+    }
+    return t;
+  }
+  int64_t equal_left = k - count_at_least(keys, nc, t + 1), o = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    if (keys[c] > t || (keys[c] == t && equal_left-- > 0)) out[o++] = idx[c] - offset;
+  }
+  return t;
+}
+
+// Indices i < n with key(i) >= t (ascending) and their keys; idx and keys have n + 16 slots.
+int64_t collect_at_least(const float* x, int64_t n, uint32_t t, int32_t* idx, uint32_t* keys) {
+  int64_t c = 0, i = 0;
+#if MICROADAM_AVX512
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(t));
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask);
+    const __mmask16 m = _mm512_cmpge_epi32_mask(v, thr);  // keys < 2^31: signed is fine
+    // Compress in registers and store whole vectors (the slack absorbs the excess): a
+    // compressing store to memory is microcoded on some CPUs.
+    _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
+    _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(m, v));
+    c += __builtin_popcount(static_cast<unsigned>(m));
+    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t key = key_of(x, i);
+    idx[c] = static_cast<int32_t>(i);
+    keys[c] = key;
+    c += key >= t ? 1 : 0;
+  }
+  return c;
+}
+
+// Whether nc candidates can be selected from directly: at least k, and few enough that
+// thresholding them beats another scan of the block's n elements.
+inline bool usable(int64_t nc, int64_t k, int64_t n) {
+  return nc >= k && nc <= std::max<int64_t>(n / 4, 8 * k);
+}
+
+// The next block's candidate threshold: the one just found, times a factor steered so
+// that 3k to 6k candidates come out (fewer make a retry likely, more cost time).
+inline void update_guess(Scratch& s, const void* owner, uint32_t t, int64_t nc, int64_t k) {
+  if (nc > 6 * k) {
+    s.guess_factor += 0.5f * (1.0f - s.guess_factor);
+  } else if (nc < 3 * k) {
+    s.guess_factor = std::max(0.25f, 1.0f - 1.5f * (1.0f - s.guess_factor));
+  }
+  s.guess_owner = owner;
+  s.guess = bits_of(float_of(t) * s.guess_factor);
+}
+
+// Block Top-K without usable precomputed candidates: the indices of the k largest |x|
+// among x[0..n), ascending. Candidates are the elements at or above a threshold: this
+// thread's guess for the tensor if it has one (and the caller did not just try it), else
+// the r-th largest of 256 strided samples (about 2k + 2n/256 candidates expected), else
+// (k a large part of the block, or too few came out) the whole block. Gradient statistics
+// change slowly along a tensor, so the threshold found guides the next block's guess.
+void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* owner,
+                 bool guess_tried, int32_t* out) {
+  if (k >= n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
+    return;
+  }
+  int32_t* idx = s.bcand.data();
+  uint32_t* keys = s.bkeys.data();
+  int64_t nc = -1;
+  if (k * 16 <= n && n >= 1024) {
+    if (!guess_tried && s.guess_owner == owner && s.guess != kNoGuess) {
+      nc = collect_at_least(x, n, s.guess, idx, keys);
+      if (!usable(nc, k, n)) nc = -1;
+    }
+    if (nc < 0) {
+      constexpr int64_t kSample = 256;
+      const int64_t stride = n / kSample;
+      const int64_t r = std::min<int64_t>(kSample, (2 * k * kSample + n - 1) / n + 2);
+      uint32_t* sample = s.sample.data();
+      for (int64_t j = 0; j < kSample; ++j) sample[j] = key_of(x, j * stride);
+      int64_t unused;
+      nc = collect_at_least(x, n, kth_threshold(sample, kSample, r, &unused), idx, keys);
+      if (nc < k) nc = -1;
+    }
+  }
+  if (nc < 0) {
+    nc = n;
+    for (int64_t i = 0; i < n; ++i) {
+      idx[i] = static_cast<int32_t>(i);
+      keys[i] = key_of(x, i);
+    }
+  }
+  const uint32_t t = take_top(idx, keys, nc, k, 0, out);
+  update_guess(s, owner, t, nc, k);
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantization, portable loops (the compiler vectorizes them).
+
+// Smallest and largest of x[0..n), n >= 1. The corrected gradient holds no NaN (the step
+// checks the gradients first) and no -0 (g + decoded error is never -0, and Top-K zeroes
+// with +0), so min/max instructions give exactly torch's amin/amax.
+inline void min_max(const float* __restrict x, int64_t n, float& lo, float& hi) {
+  int64_t i = 0;
+  float mn = x[0], mx = x[0];
+#if MICROADAM_AVX512
+  if (n >= 16) {
+    __m512 vmn = _mm512_loadu_ps(x), vmx = vmn;
+    for (i = 16; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      vmn = _mm512_min_ps(vmn, v);
+      vmx = _mm512_max_ps(vmx, v);
+    }
+    mn = _mm512_reduce_min_ps(vmn);
+    mx = _mm512_reduce_max_ps(vmx);
+  }
+#endif
+  for (; i < n; ++i) {
+    mn = x[i] < mn ? x[i] : mn;
+    mx = x[i] > mx ? x[i] : mx;
+  }
+  lo = mn;
+  hi = mx;
+}
+
+// a[i] += float(code[i]) * u + lo over one bucket.
+inline void add_decoded(float* __restrict a, const uint8_t* __restrict code, int64_t n, float lo,
+                        float u) {
+  for (int64_t i = 0; i < n; ++i) {
+    float deq = static_cast<float>(code[i]) * u;
+    deq = deq + lo;
+    a[i] = a[i] + deq;
+  }
+}
+
+inline void encode_nearest(const float* __restrict a, uint8_t* __restrict code, int64_t n,
+                           float lo, float u, float levels) {
+  for (int64_t i = 0; i < n; ++i) code[i] = code_of(a[i], lo, u, 0.5f, levels);
+}
+
+// Element i of the bucket is element first + i of the tensor (the noise's counter).
+inline void encode_stochastic(const float* __restrict a, uint8_t* __restrict code, int64_t n,
+                              float lo, float u, float levels, uint64_t first, uint32_t key) {
+  for (int64_t i = 0; i < n; ++i) {
+    code[i] = code_of(a[i], lo, u, noise_at(first + i, key), levels);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512 loops.
+
+#if MICROADAM_AVX512
+template <typename P>
+inline __m512 load16(const P* x);  // 16 elements as float32 (exact for every P)
+template <>
+inline __m512 load16<float>(const float* x) {
+  return _mm512_loadu_ps(x);
+}
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* x) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+inline __m512i mix32_16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// Alg. 1 line 4 for the unit in one pass: a = g (negated under maximize) + (float(code) *
+// u + lo), codes unpacked in registers, and, when a candidate threshold is given, the
+// indices of each block's Top-K candidates (|a| >= threshold) recorded on the way (unit-
+// relative, in s.cand; block b's start at s.cand_at[b]).
+template <typename P>
+void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, const Job& job,
+               float levels, uint32_t threshold, Scratch& s) {
+  float* a = s.a.data();
+  int32_t* idx = s.cand.data();
+  const bool collect = threshold != kNoGuess;
+  const __m512i sign = _mm512_set1_epi32(cfg.maximize ? static_cast<int32_t>(0x80000000u) : 0);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(threshold));
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 lo = _mm512_setzero_ps(), u = _mm512_setzero_ps();
+  int64_t c = 0, b = 0, next_block = 0, next_bucket = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    if (i == next_block) {
+      s.cand_at[b++] = c;
+      next_block += cfg.block;
+    }
+    __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load16(g + i)), sign));
+    // The update touches this unit's parameters much later, at scattered coordinates:
+    // ask for them now, while the access pattern is a plain stream. And the next unit of
+    // this thread's run usually follows this one: ask for its gradient ahead of time.
+    __builtin_prefetch(p + i, 0, 2);
+    __builtin_prefetch(g + i + cfg.unit, 0, 2);
+    if (cfg.ef) {
+      if (i == next_bucket) {
+        const int64_t bucket = (start + i) / cfg.bucket;
+        const float lo_s = to_float(job.emin[bucket]);
+        lo = _mm512_set1_ps(lo_s);
+        u = _mm512_set1_ps((to_float(job.emax[bucket]) - lo_s) / levels);
+        next_bucket += cfg.bucket;
+      }
+      __m128i c8;
+      if (cfg.bits == 4) {
+        const __m128i packed =
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(job.codes + (start + i) / 2));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);
+        c8 = _mm_unpacklo_epi8(hi, _mm_and_si128(packed, low4));  // even element first
+      } else {
+        c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.codes + start + i));
+      }
+      const __m512 deq = _mm512_add_ps(
+          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8)), u), lo);
+      x = _mm512_add_ps(x, deq);
+    }
+    _mm512_storeu_ps(a + i, x);
+    if (collect) {
+      const __m512i key = _mm512_and_si512(_mm512_castps_si512(x), abs_mask);
+      const __mmask16 m = _mm512_cmpge_epi32_mask(key, thr);
+      _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
+      c += __builtin_popcount(static_cast<unsigned>(m));
+    }
+    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+  // The tensor's last unit may end inside a run of 16.
+  for (; i < n; ++i) {
+    if (i == next_block) {
+      s.cand_at[b++] = c;
+      next_block += cfg.block;
+    }
+    float x = cfg.maximize ? -to_float(g[i]) : to_float(g[i]);
+    if (cfg.ef) {
+      const int64_t e = start + i;
+      const uint8_t byte = cfg.bits == 4 ? job.codes[e / 2] : job.codes[e];
+      const uint8_t code = cfg.bits == 4 ? ((e & 1) ? (byte & 0x0f) : (byte >> 4)) : byte;
+      const int64_t bucket = e / cfg.bucket;
+      const float lo_s = to_float(job.emin[bucket]);
+      const float u_s = (to_float(job.emax[bucket]) - lo_s) / levels;
+      float deq = static_cast<float>(code) * u_s;
+      deq = deq + lo_s;
+      x = x + deq;
+    }
+    a[i] = x;
+    if (collect) {
+      idx[c] = static_cast<int32_t>(i);
+      c += (bits_of(x) & 0x7fffffffu) >= threshold ? 1 : 0;
+    }
+  }
+  s.cand_at[b] = c;
+}
+
+// Alg. 1 line 8 for one bucket starting on a multiple of 16 elements: the codes of
+// a[0..n), computed and packed in registers, into out (the bucket's first byte).
+void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float levels_s,
+                   bool stochastic, uint64_t first, uint32_t key, int64_t bits, uint8_t* out) {
+  const __m512 lo = _mm512_set1_ps(lo_s), u = _mm512_set1_ps(u_s);
+  const __m512 levels = _mm512_set1_ps(levels_s), zero = _mm512_setzero_ps();
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m128i low8 = _mm_set1_epi16(0x00ff);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const uint64_t e = first + i;
+    __m512 offset;
+    if (!stochastic) {
+      offset = _mm512_set1_ps(0.5f);
+    } else if (static_cast<uint32_t>(e) <= 0xffffffffu - 15u) {
+      const __m512i counter = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(e)), lane);
+      __m512i h = mix32_16(_mm512_xor_si512(counter, _mm512_set1_epi32(static_cast<int32_t>(key))));
+      h = mix32_16(_mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int32_t>(e >> 32))));
+      offset = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
+                             _mm512_set1_ps(1.0f / 16777216.0f));
+    } else {  // the counter's low word wraps inside these 16: element by element
+      alignas(64) float o[16];
+      for (int l = 0; l < 16; ++l) o[l] = noise_at(e + l, key);
+      offset = _mm512_load_ps(o);
+    }
+    __m512 y = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a + i), lo), u);
+    y = _mm512_roundscale_ps(_mm512_add_ps(y, offset), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    y = _mm512_min_ps(_mm512_max_ps(y, zero), levels);
+    const __m128i c8 = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(y));
+    if (bits == 4) {
+      // Pairs as 16-bit words (even element in the low byte) -> (even << 4) | odd.
+      const __m128i w = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c8, low8), 4),
+                                     _mm_srli_epi16(c8, 8));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm_packus_epi16(w, w));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), c8);
+    }
+  }
+  // A short last bucket of the tensor: its rest, pairwise at 4 bits (an odd count leaves
+  // the last low nibble zero).
+  for (; i < n; i += (bits == 4 ? 2 : 1)) {
+    uint8_t codes[2] = {0, 0};
+    const int64_t width = bits == 4 ? std::min<int64_t>(2, n - i) : 1;
+    for (int64_t l = 0; l < width; ++l) {
+      const float offset = stochastic ? noise_at(first + i + l, key) : 0.5f;
+      codes[l] = code_of(a[i + l], lo_s, u_s, offset, levels_s);
+    }
+    if (bits == 4) {
+      out[i / 2] = static_cast<uint8_t>((codes[0] << 4) | codes[1]);
+    } else {
+      out[i] = codes[0];
+    }
+  }
+}
+#endif  // MICROADAM_AVX512
+
+// ---------------------------------------------------------------------------------------
+// Alg. 1 lines 10-12 on one block, after the moments were accumulated into m1 and m2 at
+// the c distinct window coordinates listed in at[] (every other entry of m1, m2 and mark
+// is zero, and the listed ones are zeroed here for the next block): u for the listed
+// coordinates, then p = fma(u, -lr, p * (1 - lr wd)). A coordinate in no window row gets
+// u = 0, so without weight decay only the listed parameters are touched.
+template <typename P, bool kDecay>
+void update_block(P* p, float* __restrict m1, float* __restrict m2, uint8_t* __restrict mark,
+                  const int32_t* __restrict at, int64_t c, int64_t n, float c1, float c2,
+                  float eps, float neg_lr, float wd_mult, Scratch& s) {
+  float* __restrict u1 = s.um1.data();
+  float* __restrict u2 = s.um2.data();
+  for (int64_t j = 0; j < c; ++j) {
+    const int32_t i = at[j];
+    u1[j] = m1[i];
+    u2[j] = m2[i];
+    m1[i] = 0.0f;
+    m2[i] = 0.0f;
+    mark[i] = 0;
+  }
+  for (int64_t j = 0; j < c; ++j) {  // vectorized by the compiler
+    const float m_hat = u1[j] * c1;
+    const float v_hat = u2[j] * c2;
+    const float denom = std::sqrt(v_hat) + eps;
+    u1[j] = denom > 0.0f ? m_hat / denom : 0.0f;
+  }
+  if (!kDecay) {
+    for (int64_t j = 0; j < c; ++j) {
+      P& x = p[at[j]];
+      x = from_float<P>(std::fma(u1[j], neg_lr, to_float(x)));
+    }
+    return;
+  }
+  // The window coordinates need the decayed value before it is rounded to P: compute
+  // them first, then decay the whole block, then write them.
+  for (int64_t j = 0; j < c; ++j) u1[j] = std::fma(u1[j], neg_lr, to_float(p[at[j]]) * wd_mult);
+  for (int64_t k = 0; k < n; ++k) p[k] = from_float<P>(to_float(p[k]) * wd_mult);
+  for (int64_t j = 0; j < c; ++j) p[at[j]] = from_float<P>(u1[j]);
+}
+
+// One unit: Alg. 1 lines 4-12 for its blocks and buckets.
+template <typename P, typename V>
+void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
+              std::atomic<int>& bad_index) {
+  const int64_t start = unit * cfg.unit;
+  const int64_t n = std::min(cfg.unit, job.numel - start);
+  float* a = s.a.data();
+  const P* g = static_cast<const P*>(job.g) + start;
+  P* p = static_cast<P*>(job.p) + start;
+  const float levels = static_cast<float>((1 << cfg.bits) - 1);
+  const int64_t first_block = start / cfg.block;
+
+  // Alg. 1 line 4: a = g + Q^-1(e) (with maximize, g negated first).
+  bool have_candidates = false;
+#if MICROADAM_AVX512
+  if (cfg.fast) {
+    const bool guess = s.guess_owner == job.p && s.guess != kNoGuess;
+    load_unit(g, p, start, n, cfg, job, levels, guess ? s.guess : kNoGuess, s);
+    have_candidates = guess;
+  }
+#endif
+  if (!cfg.fast) {
+    if (cfg.maximize) {
+      for (int64_t i = 0; i < n; ++i) a[i] = -to_float(g[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) a[i] = to_float(g[i]);
+    }
+    if (cfg.ef) {
+      uint8_t* code = s.code.data();
+      if (cfg.bits == 4) {
+        const uint8_t* packed = job.codes + start / 2;
+        for (int64_t j = 0; j < (n + 1) / 2; ++j) {
+          code[2 * j] = packed[j] >> 4;
+          code[2 * j + 1] = packed[j] & 0x0f;
+        }
+      } else {
+        std::memcpy(code, job.codes + start, n);
+      }
+      for (int64_t b0 = 0; b0 < n; b0 += cfg.bucket) {
+        const int64_t b1 = std::min(n, b0 + cfg.bucket);
+        const int64_t bucket = (start + b0) / cfg.bucket;
+        const float lo = to_float(job.emin[bucket]);
+        const float u = (to_float(job.emax[bucket]) - lo) / levels;
+        add_decoded(a + b0, code + b0, b1 - b0, lo, u);
+      }
+    }
+  }
+
+  // The window's columns of this unit, read at the end: one short segment per row.
+  {
+    const int64_t c0 = first_block * job.k_block;
+    const int64_t c1 = std::min(job.width, (first_block + (n + cfg.block - 1) / cfg.block) *
+                                               job.k_block + job.k_tail);
+    const int64_t vsize = job.vdt == kF32 ? 4 : 2;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      const char* ir = reinterpret_cast<const char*>(job.widx + r * job.width + c0);
+      const char* vr = static_cast<const char*>(job.wval) + (r * job.width + c0) * vsize;
+      for (int64_t off = 0; off < (c1 - c0) * 2; off += 64) __builtin_prefetch(ir + off, 0, 2);
+      for (int64_t off = 0; off < (c1 - c0) * vsize; off += 64) __builtin_prefetch(vr + off, 0, 2);
+    }
+  }
+
+  // Alg. 1 lines 5-7: Top-K per block into window row (t - 1) mod m; the error keeps
+  // what Top-K dropped.
+  int16_t* widx_row = job.widx + job.row * job.width;
+  V* wval_row = static_cast<V*>(job.wval) + job.row * job.width;
+  int32_t* sel = s.sel.data();
+  for (int64_t bs = 0, b = 0; bs < n; bs += cfg.block, ++b) {
+    const int64_t blk = first_block + b;
+    const int64_t bn = std::min(cfg.block, n - bs);
+    const int64_t k = blk < job.num_full ? job.k_block : job.k_tail;
+    const int64_t col0 = blk * job.k_block;
+    const int64_t c0 = have_candidates ? s.cand_at[b] : 0;
+    const int64_t nc = have_candidates ? s.cand_at[b + 1] - c0 : 0;
+    if (have_candidates && k < bn && usable(nc, k, bn)) {
+      // load_unit recorded the candidates' indices; their keys come from a.
+      uint32_t* keys = s.keys.data() + c0;
+      const int32_t* idx = s.cand.data() + c0;
+      for (int64_t c = 0; c < nc; ++c) keys[c] = key_of(a, idx[c]);
+      const uint32_t t = take_top(s.cand.data() + c0, keys, nc, k,
+                                  static_cast<int32_t>(bs), sel);
+      update_guess(s, job.p, t, nc, k);
+    } else {
+      select_topk(a + bs, bn, k, s, job.p, have_candidates, sel);
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      widx_row[col0 + c] = static_cast<int16_t>(sel[c]);
+      wval_row[col0 + c] = from_float<V>(a[bs + sel[c]]);
+    }
+    if (cfg.ef) {
+      for (int64_t c = 0; c < k; ++c) a[bs + sel[c]] = 0.0f;
+    }
+  }
+
+  // Alg. 1 line 8: quantize the error bucket by bucket (bf16 range, b-bit codes).
+  if (cfg.ef) {
+    uint8_t* code = s.code.data();
+    for (int64_t b0 = 0; b0 < n; b0 += cfg.bucket) {
+      const int64_t b1 = std::min(n, b0 + cfg.bucket);
+      const int64_t bucket = (start + b0) / cfg.bucket;
+      float lo_f, hi_f;
+      min_max(a + b0, b1 - b0, lo_f, hi_f);
+      const c10::BFloat16 lo_b(lo_f), hi_b(hi_f);
+      job.emin[bucket] = lo_b;
+      job.emax[bucket] = hi_b;
+      const float lo = to_float(lo_b);
+      const float u = (to_float(hi_b) - lo) / levels;
+#if MICROADAM_AVX512
+      if (cfg.fast) {
+        uint8_t* out = job.codes + (cfg.bits == 4 ? (start + b0) / 2 : start + b0);
+        if (!(u > 0.0f)) {
+          std::memset(out, 0, cfg.bits == 4 ? (b1 - b0 + 1) / 2 : b1 - b0);
+        } else {
+          encode_bucket(a + b0, b1 - b0, lo, u, levels, cfg.stochastic,
+                        static_cast<uint64_t>(start + b0), job.key, cfg.bits, out);
+        }
+        continue;
+      }
+#endif
+      if (!(u > 0.0f)) {
+        std::memset(code + b0, 0, b1 - b0);
+      } else if (cfg.stochastic) {
+        encode_stochastic(a + b0, code + b0, b1 - b0, lo, u, levels,
+                          static_cast<uint64_t>(start + b0), job.key);
+      } else {
+        encode_nearest(a + b0, code + b0, b1 - b0, lo, u, levels);
+      }
+    }
+    if (!cfg.fast) {
+      if (cfg.bits == 4) {
+        uint8_t* packed = job.codes + start / 2;
+        code[n] = 0;  // an odd tensor length leaves the last low nibble zero
+        for (int64_t j = 0; j < (n + 1) / 2; ++j) {
+          packed[j] = static_cast<uint8_t>((code[2 * j] << 4) | code[2 * j + 1]);
+        }
+      } else {
+        std::memcpy(job.codes + start, code, n);
+      }
+    }
+  }
+
+  // Alg. 1 lines 9-12: the moments, accumulated at the window's coordinates of each block
+  // (rows in storage order, as index_add_ does), then the update.
+  float* m1 = s.m1.data();
+  float* m2 = s.m2.data();
+  uint8_t* mark = s.mark.data();
+  int32_t* at = s.listed.data();
+  for (int64_t bs = 0; bs < n; bs += cfg.block) {
+    const int64_t blk = first_block + bs / cfg.block;
+    const int64_t bn = std::min(cfg.block, n - bs);
+    const int64_t k = blk < job.num_full ? job.k_block : job.k_tail;
+    const int64_t col0 = blk * job.k_block;
+    int64_t listed = 0;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      const int16_t* ir = job.widx + r * job.width + col0;
+      const V* vr = static_cast<const V*>(job.wval) + r * job.width + col0;
+      const float d1 = job.decay1[r], d2 = job.decay2[r];
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t i = static_cast<uint16_t>(ir[c]);
+        if (i >= bn) {  // a corrupted checkpoint: never write outside the block
+          bad_index.store(1, std::memory_order_relaxed);
+          continue;
+        }
+        const float v = to_float(vr[c]);
+        const float f = v * d1;
+        const float sq = v * v;
+        const float f2 = sq * d2;
+        m1[i] = m1[i] + f;
+        m2[i] = m2[i] + f2;
+        at[listed] = static_cast<int32_t>(i);  // listed once: mark is 0 before the first visit
+        listed += mark[i] ^ 1;
+        mark[i] = 1;
+      }
+    }
+    if (cfg.has_wd) {
+      update_block<P, true>(p + bs, m1, m2, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
+                            cfg.neg_lr, cfg.wd_mult, s);
+    } else {
+      update_block<P, false>(p + bs, m1, m2, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
+                             cfg.neg_lr, 1.0f, s);
+    }
+  }
+}
+
+using UnitFn = void (*)(const Config&, const Job&, int64_t, Scratch&, std::atomic<int>&);
+
+template <typename P>
+UnitFn pick_value(int vdt) {
+  switch (vdt) {
+    case kF32:
+      return &run_unit<P, float>;
+    case kBF16:
+      return &run_unit<P, c10::BFloat16>;
+    default:
+      return &run_unit<P, c10::Half>;
+  }
+}
+
+UnitFn pick(int pdt, int vdt) {
+  switch (pdt) {
+    case kF32:
+      return pick_value<float>(vdt);
+    case kBF16:
+      return pick_value<c10::BFloat16>(vdt);
+    default:
+      return pick_value<c10::Half>(vdt);
+  }
+}
+
+int dtype_code(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      TORCH_CHECK(false, "microadam fused CPU step: unsupported dtype ", t.scalar_type(),
+                  " for ", what);
+  }
+  return kF32;
+}
+
+void check(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "microadam fused CPU step: ", what, " is not on the CPU");
+  TORCH_CHECK(t.is_contiguous(), "microadam fused CPU step: ", what, " is not contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, "microadam fused CPU step: ", what, " has dtype ",
+              t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.numel() == numel, "microadam fused CPU step: ", what, " has ", t.numel(),
+              " elements, expected ", numel);
+}
+
+// Whether gradients are all finite, checked in chunks that threads claim one by one:
+// each gradient is read once and nothing of its size is allocated.
+class FiniteCheck {
+ public:
+  explicit FiniteCheck(at::TensorList grads) : grads_(grads), first_(grads.size() + 1, 0) {
+    for (size_t j = 0; j < grads.size(); ++j) {
+      TORCH_CHECK(grads[j].device().is_cpu() && grads[j].is_contiguous(),
+                  "microadam fused CPU step: gradients to check must be contiguous CPU tensors");
+      dtypes_.push_back(dtype_code(grads[j], "a gradient"));
+      first_[j + 1] = first_[j] + (grads[j].numel() + kChunk - 1) / kChunk;
+    }
+    bad_ = std::vector<std::atomic<uint8_t>>(grads.size());
+    for (auto& b : bad_) b.store(0);
+  }
+  int64_t chunks() const { return first_.back(); }
+  bool all_finite() const { return !any_bad_.load(); }
+  uint8_t finite(size_t j) const { return bad_[j].load() ? 0 : 1; }
+
+  void work() {
+    size_t j = 0;
+    for (;;) {
+      const int64_t w = next_.fetch_add(1, std::memory_order_relaxed);
+      if (w >= chunks()) return;
+      while (first_[j + 1] <= w) ++j;
+      const int64_t begin = (w - first_[j]) * kChunk;
+      const int64_t n = std::min(kChunk, grads_[j].numel() - begin);
+      uint32_t acc = 0;
+      // An element is NaN or inf exactly when its exponent bits are all ones.
+      if (dtypes_[j] == kF32) {
+        const uint32_t* x = static_cast<const uint32_t*>(grads_[j].data_ptr()) + begin;
+        for (int64_t i = 0; i < n; ++i) acc |= (~x[i] & 0x7f800000u) == 0 ? 1u : 0u;
+      } else {
+        const uint16_t* x = static_cast<const uint16_t*>(grads_[j].data_ptr()) + begin;
+        const uint16_t e = dtypes_[j] == kBF16 ? 0x7f80 : 0x7c00;
+        for (int64_t i = 0; i < n; ++i) acc |= (~x[i] & e) == 0 ? 1u : 0u;
+      }
+      if (acc) {
+        bad_[j].store(1, std::memory_order_relaxed);
+        any_bad_.store(1, std::memory_order_relaxed);
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t kChunk = 1 << 16;
+  at::TensorList grads_;
+  std::vector<int64_t> first_;
+  std::vector<int> dtypes_;
+  std::vector<std::atomic<uint8_t>> bad_;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> any_bad_{0};
+};
+
+// Runs first() on every thread of torch's intra-op pool, then, after all of them are
+// done, second() on every thread if proceed() says so: one parallel region for both, so
+// a step wakes the pool once. Inline when there is one thread or we already are inside a
+// parallel region.
+template <typename F1, typename P, typename F2>
+void two_phases(int64_t work_items, const F1& first, const P& proceed, const F2& second) {
+#ifdef _OPENMP
+  const bool parallel =
+      std::min<int64_t>(at::get_num_threads(), work_items) > 1 && !at::in_parallel_region() &&
+      !omp_in_parallel();
+#else
+  const bool parallel = false;
+#endif
+  if (!parallel) {
+    first();
+    if (proceed()) second();
+    return;
+  }
+#ifdef _OPENMP
+  // No num_threads clause (torch avoids it for GOMP's thread pool, pytorch#32008): the
+  // team is torch's, and the workers share work dynamically, so extra threads are harmless.
+#pragma omp parallel
+  {
+    first();
+#pragma omp barrier
+    if (proceed()) second();
+  }
+#endif
+}
+
+void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList window_indices,
+                     at::TensorList window_values, at::TensorList ef_codes,
+                     at::TensorList ef_min, at::TensorList ef_max, const at::Tensor& meta_int,
+                     const at::Tensor& meta_float, double lr, double weight_decay_mult,
+                     double eps, int64_t window_size, int64_t topk_block_size,
+                     int64_t quant_block_size, int64_t unit, int64_t quant_bits,
+                     bool error_feedback, bool stochastic, bool maximize,
+                     at::TensorList check_grads, const at::Tensor& finite) {
+  const int64_t count = static_cast<int64_t>(params.size());
+  TORCH_CHECK(finite.scalar_type() == at::kByte && finite.is_contiguous() &&
+                  finite.numel() == static_cast<int64_t>(check_grads.size()),
+              "microadam fused CPU step: finite must be a contiguous uint8 tensor, one entry "
+              "per gradient to check");
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == count &&
+                  static_cast<int64_t>(window_indices.size()) == count &&
+                  static_cast<int64_t>(window_values.size()) == count,
+              "microadam fused CPU step: list lengths differ");
+  if (error_feedback) {
+    TORCH_CHECK(static_cast<int64_t>(ef_codes.size()) == count &&
+                    static_cast<int64_t>(ef_min.size()) == count &&
+                    static_cast<int64_t>(ef_max.size()) == count,
+                "microadam fused CPU step: error-feedback list lengths differ");
+  }
+  TORCH_CHECK(quant_bits == 4 || quant_bits == 8, "microadam fused CPU step: bad quant_bits");
+  TORCH_CHECK(topk_block_size >= 1 && topk_block_size <= 32768 && quant_block_size >= 1 &&
+                  unit >= 1 && unit % topk_block_size == 0 &&
+                  (!error_feedback ||
+                   (unit % quant_block_size == 0 && (quant_bits == 8 || unit % 2 == 0))),
+              "microadam fused CPU step: bad block sizes");
+  const int64_t m = window_size;
+  TORCH_CHECK(meta_int.scalar_type() == at::kLong && meta_int.is_contiguous() &&
+                  meta_int.dim() == 2 && meta_int.size(0) == count &&
+                  meta_int.size(1) == kMetaIntSize,
+              "microadam fused CPU step: bad meta_int");
+  TORCH_CHECK(meta_float.scalar_type() == at::kDouble && meta_float.is_contiguous() &&
+                  meta_float.dim() == 2 && meta_float.size(0) == count &&
+                  meta_float.size(1) == 2 + 2 * m,
+              "microadam fused CPU step: bad meta_float");
+
+  Config cfg;
+  cfg.neg_lr = static_cast<float>(-lr);
+  cfg.wd_mult = static_cast<float>(weight_decay_mult);
+  cfg.has_wd = weight_decay_mult != 1.0;
+  cfg.eps = static_cast<float>(eps);
+  cfg.m = m;
+  cfg.block = topk_block_size;
+  cfg.bucket = quant_block_size;
+  cfg.unit = unit;
+  cfg.bits = quant_bits;
+  cfg.ef = error_feedback;
+  cfg.stochastic = stochastic;
+  cfg.maximize = maximize;
+  cfg.fast = MICROADAM_AVX512 && topk_block_size % 16 == 0 &&
+             (!error_feedback || quant_block_size % 16 == 0);
+
+  std::vector<Job> jobs(count);
+  std::vector<int64_t> first_unit(count + 1, 0);
+  const int64_t* mi = meta_int.data_ptr<int64_t>();
+  const double* mf = meta_float.data_ptr<double>();
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t* row = mi + j * kMetaIntSize;
+    const double* frow = mf + j * (2 + 2 * m);
+    Job& job = jobs[j];
+    const at::Tensor& p = params[j];
+    job.numel = row[kNumel];
+    job.num_full = row[kNumFull];
+    job.k_block = row[kKBlock];
+    job.tail = row[kTail];
+    job.k_tail = row[kKTail];
+    job.width = row[kWidth];
+    job.row = row[kRow];
+    job.rows = row[kRows];
+    job.key = static_cast<uint32_t>(row[kNoiseKey]);
+    TORCH_CHECK(job.numel == p.numel() && job.rows >= 1 && job.rows <= m && job.row >= 0 &&
+                    job.row < m && job.num_full * job.k_block + job.k_tail == job.width &&
+                    job.num_full * topk_block_size + job.tail == job.numel &&
+                    job.k_block <= topk_block_size && job.k_tail <= job.tail,
+                "microadam fused CPU step: inconsistent metadata for parameter ", j);
+    job.pdt = dtype_code(p, "a parameter");
+    check(p, p.scalar_type(), job.numel, "a parameter");
+    check(grads[j], p.scalar_type(), job.numel, "a gradient");
+    check(window_indices[j], at::kShort, m * job.width, "window_indices");
+    job.vdt = dtype_code(window_values[j], "window_values");
+    check(window_values[j], window_values[j].scalar_type(), m * job.width, "window_values");
+    job.p = p.data_ptr();
+    job.g = grads[j].data_ptr();
+    job.widx = window_indices[j].data_ptr<int16_t>();
+    job.wval = window_values[j].data_ptr();
+    job.codes = nullptr;
+    job.emin = job.emax = nullptr;
+    if (error_feedback) {
+      const int64_t buckets = (job.numel + quant_block_size - 1) / quant_block_size;
+      check(ef_codes[j], at::kByte, quant_bits == 4 ? (job.numel + 1) / 2 : job.numel,
+            "ef_codes");
+      check(ef_min[j], at::kBFloat16, buckets, "ef_min");
+      check(ef_max[j], at::kBFloat16, buckets, "ef_max");
+      job.codes = ef_codes[j].data_ptr<uint8_t>();
+      job.emin = ef_min[j].data_ptr<c10::BFloat16>();
+      job.emax = ef_max[j].data_ptr<c10::BFloat16>();
+    }
+    job.c1 = static_cast<float>(frow[0]);
+    job.c2 = static_cast<float>(frow[1]);
+    job.decay1.resize(m);
+    job.decay2.resize(m);
+    for (int64_t r = 0; r < m; ++r) {
+      job.decay1[r] = static_cast<float>(frow[2 + r]);
+      job.decay2[r] = static_cast<float>(frow[2 + m + r]);
+    }
+    first_unit[j + 1] = first_unit[j] + (job.numel + unit - 1) / unit;
+  }
+  const int64_t total = first_unit[count];
+  std::vector<UnitFn> fns(count);
+  for (int64_t j = 0; j < count; ++j) fns[j] = pick(jobs[j].pdt, jobs[j].vdt);
+
+  // Threads take runs of consecutive units (a sequential stream through memory, and the
+  // Top-K threshold of one block is a good guess for the next); runs are short enough
+  // (at least 16 per thread) that a preempted thread leaves its share to the others.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  const int64_t run = std::clamp<int64_t>(total / (threads * 16), 1, 16);
+  std::atomic<int64_t> next{0};
+  std::atomic<int> bad_index{0};
+  // First every gradient of check_grads is checked (the whole optimizer's, on the first
+  // call of a step); the update runs only if all are finite, so that a bad batch changes
+  // nothing anywhere.
+  FiniteCheck finite_check(check_grads);
+  const auto check = [&]() { finite_check.work(); };
+  const auto proceed = [&]() { return finite_check.all_finite(); };
+  std::exception_ptr error;
+  std::atomic_flag error_taken = ATOMIC_FLAG_INIT;
+  two_phases(std::max(total, finite_check.chunks()), check, proceed, [&]() {
+   try {  // an exception must not leave an OpenMP region; it is rethrown below
+    Scratch s(cfg);
+    int64_t j = 0;  // work ids only grow, so the owning parameter only moves forward
+    for (;;) {
+      const int64_t w0 = next.fetch_add(run, std::memory_order_relaxed);
+      if (w0 >= total) break;
+      for (int64_t w = w0; w < std::min(total, w0 + run); ++w) {
+        while (first_unit[j + 1] <= w) ++j;
+        fns[j](cfg, jobs[j], w - first_unit[j], s, bad_index);
+      }
+    }
+   } catch (...) {
+    if (!error_taken.test_and_set()) error = std::current_exception();
+   }
+  });
+
+  if (error) std::rethrow_exception(error);
+  uint8_t* finite_out = finite.data_ptr<uint8_t>();
+  for (size_t j = 0; j < check_grads.size(); ++j) finite_out[j] = finite_check.finite(j);
+  if (!finite_check.all_finite()) return;
+  for (int64_t j = 0; j < count; ++j) {
+    params[j].unsafeGetTensorImpl()->bump_version();
+    window_indices[j].unsafeGetTensorImpl()->bump_version();
+    window_values[j].unsafeGetTensorImpl()->bump_version();
+    if (error_feedback) {
+      ef_codes[j].unsafeGetTensorImpl()->bump_version();
+      ef_min[j].unsafeGetTensorImpl()->bump_version();
+      ef_max[j].unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  TORCH_CHECK(!bad_index.load(),
+              "microadam fused CPU step: a window index lies outside its Top-K block "
+              "(corrupted optimizer state?)");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(microadam_cpu, m) {
+  m.def(
+      "micro_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] window_indices, "
+      "Tensor(c!)[] window_values, Tensor(d!)[] ef_codes, Tensor(e!)[] ef_min, "
+      "Tensor(f!)[] ef_max, Tensor meta_int, Tensor meta_float, float lr, "
+      "float weight_decay_mult, float eps, int window_size, int topk_block_size, "
+      "int quant_block_size, int unit, int quant_bits, bool error_feedback, bool stochastic, "
+      "bool maximize, Tensor[] check_grads, Tensor(g!) finite) -> ()");
+  m.impl("micro_adam_step_", c10::DispatchKey::CPU, &micro_adam_step);
+}
+
+}  // namespace microadam_cpu
