@@ -102,7 +102,12 @@ def block_topk(
         if k == blocks.shape[1]:  # density 1: keep everything, no selection needed
             idx = torch.arange(k, device=x.device).expand(blocks.shape[0], k)
         else:
-            idx = blocks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            mags = blocks.abs()
+            if mags.dtype == torch.float32 and mags.device.type == "cpu":
+                # Non-negative floats order like their bit patterns, and integer Top-K is
+                # about a third faster on the CPU; the kept set is the same.
+                mags = mags.view(torch.int32)
+            idx = mags.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         idx_parts.append(idx.reshape(-1))
         val_parts.append(blocks.gather(1, idx).reshape(-1))
     if not idx_parts:

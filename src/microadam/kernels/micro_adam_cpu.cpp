@@ -877,6 +877,7 @@ class FiniteCheck {
 template <typename F1, typename P, typename F2>
 void two_phases(int64_t work_items, const F1& first, const P& proceed, const F2& second) {
 #ifdef _OPENMP
+  at::internal::lazy_init_num_threads();  // this thread's OpenMP team size, as torch sets it
   const bool parallel =
       std::min<int64_t>(at::get_num_threads(), work_items) > 1 && !at::in_parallel_region() &&
       !omp_in_parallel();

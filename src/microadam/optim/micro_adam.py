@@ -3,7 +3,10 @@
 The class is thin (validation, ``defaults``, lazy state, checkpoint handling); the
 mathematics of one step lives in :func:`micro_adam_step_`, which walks a parameter in
 chunks of whole Top-K blocks so that scratch memory is bounded by the chunk, never by the
-tensor (no float32 temporary of the parameter's size).
+tensor (no float32 temporary of the parameter's size). On the CPU, ``step`` hands the
+parameters it covers to the fused kernel of :mod:`microadam.kernels.micro_adam_cpu`
+(same inputs, outputs and rounding; ``fused`` chooses), and this function is the readable
+reference and the fallback everywhere else.
 """
 
 from __future__ import annotations
