@@ -3,8 +3,8 @@
 ``microadam bench WORKLOAD`` compares registry optimizers on offline work and writes
 ``results.json``, PNG figures and ``report.md``; ``microadam plot`` redraws them from a
 results file; ``microadam reproduce`` reruns the founding student report's experiments;
-``microadam demo`` is ``microadam bench lm --quick``; ``microadam memory`` and ``microadam
-list`` print tables.
+``microadam speed`` times optimizer steps against fused AdamW; ``microadam demo`` is
+``microadam bench lm --quick``; ``microadam memory`` and ``microadam list`` print tables.
 """
 
 from __future__ import annotations
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="output folder (default microadam-bench/lm)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default 1)")
     demo.set_defaults(func=_demo)
+    from microadam.bench import speed
+
+    speed.add_parser(sub)
     listing = sub.add_parser("list", help="every registry name as a markdown table")
     listing.set_defaults(func=_list)
     memory = sub.add_parser("memory", help="optimizer-state bytes per parameter, by optimizer")

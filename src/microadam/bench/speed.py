@@ -230,9 +230,10 @@ def markdown_table(results: list[SpeedResult]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        case = r.case if r.case == "model" else f"{r.num_params / 1e6:g}M"
         if r.case == "model":
             case = f"model ({r.num_params / 1e6:.1f}M, {r.num_tensors} tensors)"
+        else:
+            case = f"{r.case} ({r.num_params:,})"
         lines.append(
             f"| {case} | {r.optimizer} | {_cell(r.step_ms, '.1f')} | {_cell(r.baseline_ms, '.1f')} "
             f"| {_cell(r.ratio, '.2f')} | {_cell(r.state_bytes_per_param, '.3f')} | {r.note} |"
@@ -251,7 +252,7 @@ def write_results(results: list[SpeedResult], path: Path, meta: dict[str, Any]) 
                                    indent=2) + "\n")  # fmt: skip
 
 
-def _speed(args: argparse.Namespace) -> int:
+def _speed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     labels = [s.strip() for s in args.optimizers.split(",") if s.strip()]

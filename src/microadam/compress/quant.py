@@ -124,7 +124,10 @@ def encode(
     """
     scaled = (x - lo) / step
     scaled = scaled + (0.5 if noise is None else noise)
-    codes = scaled.floor_().clamp_(0, code_levels(bits))
+    # floor, then clamp to [0, L], equals clamping first and then truncating toward zero,
+    # which the conversion to uint8 does (and torch's CPU floor is an MKL call that splits
+    # even small tensors across threads).
+    codes = scaled.clamp_(0, code_levels(bits))
     codes = torch.where(step > 0, codes, 0.0)
     return codes.to(torch.uint8)
 

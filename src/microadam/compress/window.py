@@ -25,14 +25,15 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     """The correctly rounded square root of a float32 CPU tensor (otherwise ``sqrt``).
 
     torch's CPU ``sqrt`` goes through MKL's vector math on MKL builds, which is off by one
-    unit in the last place for about 15% of float32 inputs. Through float64 it is exact:
-    a float32 square root lies at least two float64 ulps away from every float32 rounding
-    midpoint, so a float64 root with less than one ulp of error rounds to the correctly
-    rounded float32 root, the one IEEE ``sqrtf`` (and the fused kernels) give.
+    unit in the last place for about 15% of float32 inputs (and splits even small tensors
+    across threads). In float64, ``1 / rsqrt(x)`` (IEEE square root, then two divisions) is
+    within two float64 ulps of the true root, and a float32 square root lies at least four
+    float64 ulps away from every float32 rounding midpoint, so rounding it to float32 gives
+    the correctly rounded root: what IEEE ``sqrtf`` (and the fused kernels) give.
     """
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return x.sqrt()
-    return x.double().sqrt_().float()
+    return x.double().rsqrt_().reciprocal_().float()
 
 
 def window_ages(step: int, window_size: int) -> list[int]:

@@ -52,6 +52,13 @@ DEFAULT_QUANT_BLOCK_SIZE = 256
 # fast as 2^18 at 25M elements and keeps glibc's per-thread arenas from retaining tens of
 # MiB (benchmarks/peak_memory.py); 2^16 is 20% slower.
 DEFAULT_CHUNK_SIZE = 1 << 17
+# On the CPU, chunks stay below torch's intra-op grain (32768 elements), so that every op
+# of the step runs on the calling thread. Each op on a larger tensor opens a parallel
+# region, and on a machine busy with other work every region waits for a descheduled
+# worker (a scheduler tick, ~4 ms): at 25M elements and 2 threads the step took 36 s with
+# chunks of 2^17 and 0.76 s with chunks of 28672 (7 blocks), against 0.57 s for 2^17 on
+# one thread. Most CPU steps take the fused kernel anyway (microadam.kernels).
+CPU_CHUNK_SIZE = 32767
 # Chunks are cut on multiples of lcm(topk_block_size, quant_block_size, 2) so that each
 # chunk holds whole blocks and whole buckets and one pass does everything. When that lcm
 # exceeds this many elements (unusual pairs such as 29056 and 100000) a second pass
@@ -240,10 +247,12 @@ def micro_adam_step_(
     ``state`` must already hold the buffers of :meth:`MicroAdam._init_state`; ``grad`` is
     only read. ``chunk_size`` and ``max_aligned_chunk`` default to the module constants
     ``DEFAULT_CHUNK_SIZE`` and ``MAX_ALIGNED_CHUNK`` (read at call time, so tests can force
-    the two-pass path). The steps follow the design page (docs: ``microadam.md``), numbered as in
-    Alg. 1 of the paper.
+    the two-pass path); on the CPU chunks are capped at ``CPU_CHUNK_SIZE``. The steps
+    follow the design page (docs: ``microadam.md``), numbered as in Alg. 1 of the paper.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if param.device.type == "cpu":
+        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
     max_aligned_chunk = MAX_ALIGNED_CHUNK if max_aligned_chunk is None else max_aligned_chunk
     h = {
         "maximize": maximize,
@@ -423,8 +432,8 @@ class MicroAdam(Optimizer):
     :math:`d` at 8) and ``ef_min``/``ef_max`` (bf16, :math:`4\lceil d/Q\rceil` bytes):
     :math:`0.5d + 4mk + 4\lceil d/Q\rceil` bytes, about 0.92 bytes per parameter at the
     defaults (m = 10, density 1%, Q = 256). ``error_feedback=False`` drops the last two.
-    ``step`` uses scratch memory for one chunk of blocks (about 2^17 elements), never
-    a float32 copy of the whole parameter.
+    ``step`` uses scratch memory for one chunk of blocks (about 2^17 elements, 2^15 on the
+    CPU), never a float32 copy of the whole parameter.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
