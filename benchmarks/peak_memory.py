@@ -106,7 +106,10 @@ def main() -> None:
     args = parser.parse_args()
     runs = []
     for name in args.optimizers.split(","):
-        variants = [{"foreach": False}, {"foreach": True}] if name == "adamw" else [{}]
+        variants = {
+            "microadam": [{"fused": True}, {"fused": False}],
+            "adamw": [{"foreach": False}, {"foreach": True}, {"fused": True}],
+        }.get(name, [{}])
         for kwargs in variants:
             for env in ENVS:
                 runs.append(measure(name, args.numel, kwargs, env))

@@ -371,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return args.func(args, argv)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return args.func(args, argv)
+    finally:  # commands set torch's thread count; a caller in Python gets its own back
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

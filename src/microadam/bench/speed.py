@@ -68,9 +68,12 @@ class SpeedResult:
 
 def parse_size(text: str) -> int:
     """'1M' -> 1_000_000, '2.5k' -> 2500, '123' -> 123."""
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1].lower())
-    value = float(text[:-1]) * scale if scale else float(text)
-    if value < 1 or value != int(value):
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower())
+    try:
+        value = float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value < 1e12 or value != int(value):
         raise argparse.ArgumentTypeError(f"Invalid size: {text!r} (expected e.g. 1M, 25M, 4096)")
     return int(value)
 
@@ -262,7 +265,10 @@ def _speed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     cases = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for case in cases:
         if case != "model":
-            parse_size(case)
+            try:
+                parse_size(case)
+            except argparse.ArgumentTypeError as err:
+                raise SystemExit(f"Invalid --sizes: {err}") from None
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from microadam.optim import _sharding
+
 __all__ = [
     "Adapprox",
     "adapprox_step_",
@@ -452,6 +454,17 @@ class Adapprox(Optimizer):
         Cost: on a 1024 x 1024 matrix whose moment needs ``max_rank`` (the worst case, all
         9 candidates), one step took about 45 ms against 3.5 ms for AdamW (CPU, 1 thread).
 
+    .. note::
+        FSDP2. A DTensor parameter (``fully_shard``, sharded on dim 0) is stepped on its
+        local shard: each rank keeps and refactors the second moment of its own rows only
+        (``factor_q`` has the local row count, the rank is chosen per shard, and the
+        sketches come from per-rank generators), which is not the factorization one process
+        would compute for the whole matrix. The non-finite gradient check is agreed over the
+        ranks. The per-shard state is plain tensors: save it per rank
+        (``torch.save(opt.state_dict())`` on each rank); ``torch.distributed.checkpoint``
+        would treat it as replicated and is not supported for Adapprox on sharded
+        parameters.
+
     Memory: for an :math:`m \times n` matrix (float32 or lower-precision parameters keep
     float32 state, float64 parameters float64) the persistent state is ``factor_q``
     (:math:`4mk` bytes) and ``factor_u`` (:math:`4nk`), i.e. :math:`4k(m+n)` bytes with
@@ -566,12 +579,13 @@ class Adapprox(Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
-        dtype, dev = _compute_dtype(p), p.device
-        shape = matrix_shape(p)
+        lp = _sharding.local(p)  # a DTensor (FSDP2) keeps the state of its local shard
+        dtype, dev = _compute_dtype(lp), lp.device
+        shape = matrix_shape(lp)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             if shape is None:
-                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=dev)
+                state["exp_avg_sq"] = torch.zeros(lp.shape, dtype=dtype, device=dev)
             else:
                 m, n = shape
                 # Rank 0 at the start: V_0 = 0 costs nothing.
@@ -584,21 +598,23 @@ class Adapprox(Optimizer):
         beta1 = group["betas"][0]
         if beta1 is not None and beta1 > 0 and "exp_avg" not in state:
             # Lazily, so that a first moment switched on later starts from zero.
-            state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=dev)
+            state["exp_avg"] = torch.zeros(lp.shape, dtype=dtype, device=dev)
         self._check_state(p, state, "the current parameters")
         return state
 
     def _check_state(self, p: torch.Tensor, state: dict, origin: str) -> None:
-        """Raise ``RuntimeError`` if ``state`` does not fit parameter ``p``."""
+        """Raise ``RuntimeError`` if ``state`` does not fit parameter ``p`` (its local
+        shard for a DTensor)."""
         where = self._describe(p)
-        shape = matrix_shape(p)
+        lp = _sharding.local(p)
+        shape = matrix_shape(lp)
         if shape is None:
-            expected = {"exp_avg_sq": tuple(p.shape)}
+            expected = {"exp_avg_sq": tuple(lp.shape)}
         else:
             m, n = shape
             expected = {"factor_q": (m, None), "factor_u": (n, None), "rng_state": (None,)}
         if "exp_avg" in state:
-            expected["exp_avg"] = tuple(p.shape)
+            expected["exp_avg"] = tuple(lp.shape)
         for key, want in expected.items():
             value = state.get(key)
             if not isinstance(value, torch.Tensor):
@@ -661,19 +677,27 @@ class Adapprox(Optimizer):
                         "Adapprox does not support complex parameters; optimize "
                         "torch.view_as_real(param) as a real parameter instead"
                     )
-                if not bool(torch.isfinite(p.grad).all()):
-                    raise RuntimeError(
-                        f"Adapprox: non-finite gradient (NaN or inf) for {self._describe(p)}; "
-                        "nothing was updated. Skip this batch (zero_grad() and continue), "
-                        "lower the learning rate, or use gradient clipping or a GradScaler"
-                    )
-                work.append((group, p, self._init_state(p, group)))
+                work.append((group, p))
+        # A DTensor parameter (FSDP2) steps on its local shard (to_local() views the local
+        # storage, so the update lands in the parameter) and factors the local rows only.
+        finite = [bool(torch.isfinite(_sharding.local(p.grad)).all()) for _, p in work]
+        sharded = [p for _, p in work if _sharding.is_dtensor(p)]
+        if sharded:  # every rank must take the same decision
+            finite = _sharding.all_ranks_agree(finite, sharded)
+        if not all(finite):
+            p = work[finite.index(False)][1]
+            raise RuntimeError(
+                f"Adapprox: non-finite gradient (NaN or inf) for {self._describe(p)}; "
+                "nothing was updated. Skip this batch (zero_grad() and continue), "
+                "lower the learning rate, or use gradient clipping or a GradScaler"
+            )
+        states = [self._init_state(p, group) for group, p in work]
 
-        for group, p, state in work:
+        for (group, p), state in zip(work, states, strict=True):
             lr = group["lr"]
             adapprox_step_(
-                p,
-                p.grad,
+                _sharding.local(p),
+                _sharding.local(p.grad),
                 state,
                 **{**group, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr},
             )

@@ -1,0 +1,388 @@
+"""One rank of the distributed tests (run by launch.py with torch's env:// variables).
+
+``python worker.py MODE OUT_DIR [CHECKPOINT_DIR]``; each mode writes what it measured to
+``OUT_DIR`` (JSON and .pt files) for the test to assert on. Gloo on CPU, one thread a rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from microadam import MicroAdam
+from microadam.memory import state_bytes
+from microadam.optim.adapprox import Adapprox
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    # 32*64 + 64 + 64*10 + 10 = 2762 parameters.
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+
+
+def _teacher_data(steps: int, batch: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, 32, generator=g)
+    w = torch.randn(32, 10, generator=g)
+    return x, (x @ w).argmax(-1)
+
+
+def _write(out: Path, name: str, obj) -> None:
+    (out / name).write_text(json.dumps(obj, indent=1))
+
+
+# -- DDP -------------------------------------------------------------------------------
+
+
+def run_ddp(out: Path) -> None:
+    """DDP on two ranks (half the batch each) against one process on the whole batch, for a
+    global batch of 32 (the halves' means average exactly) and of 24 (they do not)."""
+    results = {str(batch): _ddp_case(batch) for batch in (32, 24)}
+    if dist.get_rank() == 0:
+        _write(out, "ddp.json", results)
+
+
+def _ddp_case(batch: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps = 150
+    hyper = dict(lr=1e-2, density=0.05, topk_block_size=256, quant_block_size=64)
+    model = _mlp(0)
+    ref = copy.deepcopy(model)
+    ddp = DDP(model)
+    opt = MicroAdam(ddp.parameters(), **hyper)
+    ref_opt = MicroAdam(ref.parameters(), **hyper)
+    x, y = _teacher_data(steps, batch)
+    half = batch // world
+    diffs, flip = [], None
+    for t in range(steps):
+        xs, ys = x[t, rank * half : (rank + 1) * half], y[t, rank * half : (rank + 1) * half]
+        F.cross_entropy(ddp(xs), ys).backward()  # a mean: DDP averages to the global mean
+        opt.step()
+        opt.zero_grad()
+        F.cross_entropy(ref(x[t]), y[t]).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        pairs = list(zip(model.parameters(), ref.parameters(), strict=True))
+        diffs.append(max((a - b).abs().max().item() for a, b in pairs))
+        row = t % 10  # the window row written at this step
+        if flip is None and not all(
+            torch.equal(
+                opt.state[a]["window_indices"][row], ref_opt.state[b]["window_indices"][row]
+            )
+            for a, b in pairs
+        ):
+            flip = t + 1
+    # DDP keeps the replicas identical: check that across ranks too.
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return {
+        "max_abs_diff": diffs,
+        "first_topk_flip": flip,
+        "replicas_identical": all(torch.equal(gathered[0], g) for g in gathered),
+        "final_loss_ddp": F.cross_entropy(model(x[-1]), y[-1]).item(),
+        "final_loss_ref": F.cross_entropy(ref(x[-1]), y[-1]).item(),
+    }
+
+
+# -- FSDP2 -----------------------------------------------------------------------------
+
+
+def _tiny_gpt(seed: int) -> nn.Module:
+    from microadam.bench.models import TinyGPT
+
+    torch.manual_seed(seed)
+    return TinyGPT(context=16, d_model=32, n_layer=2, n_head=2)
+
+
+def _byte_batches(steps: int, batch: int, context: int, seed: int = 2):
+    from microadam.bench.data import stdlib_text
+
+    data = torch.frombuffer(bytearray(stdlib_text(max_bytes=100_000)), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - context - 1, (steps, batch), generator=g)
+    idx = starts[..., None] + torch.arange(context + 1)
+    seq = data[idx]
+    return seq[..., :-1], seq[..., 1:]
+
+
+def _shard(model: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+GPT_HYPER = dict(lr=3e-3, density=0.05, topk_block_size=512, quant_block_size=64)
+
+
+def run_fsdp(out: Path) -> None:
+    """FSDP2 on two ranks against one process on the whole batch, same data and init."""
+    from microadam.kernels import micro_adam_cpu
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps, batch = int(os.environ.get("MICROADAM_FSDP_STEPS", "200")), 16
+    xb, yb = _byte_batches(steps + 1, batch, 16)
+    half = batch // world
+    model = _tiny_gpt(0)
+    _shard(model)
+    opt = MicroAdam(model.parameters(), **GPT_HYPER)
+    losses = []
+    for t in range(steps):
+        sl = slice(rank * half, (rank + 1) * half)
+        _, loss = model(xb[t, sl], yb[t, sl])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        both = loss.detach().clone()
+        dist.all_reduce(both)
+        losses.append(both.item() / world)
+    # The fused kernel covers the local shard (not the DTensor itself).
+    p = next(model.parameters())
+    group = opt.param_groups[0]
+    reasons = {
+        "dtensor": micro_adam_cpu.unsupported_reason(p, p, group),
+        "local_shard": micro_adam_cpu.unsupported_reason(p.to_local(), p.to_local(), group),
+    }
+    local_numel = sum(q.to_local().numel() for q in model.parameters())
+    with torch.no_grad():
+        _, eval_loss = model(xb[steps], yb[steps])
+    result = {
+        "losses": losses,
+        "eval_loss": eval_loss.item(),
+        "state_bytes": state_bytes(opt),
+        "local_numel": local_numel,
+        "fused_reasons": reasons,
+    }
+
+    # Adapprox on the same shards: per-shard factors of the local rows.
+    model2 = _tiny_gpt(0)
+    _shard(model2)
+    opt2 = Adapprox(model2.parameters(), lr=3e-3, max_rank=4)
+    ad_losses = []
+    for t in range(30):
+        sl = slice(rank * half, (rank + 1) * half)
+        _, loss = model2(xb[t, sl], yb[t, sl])
+        loss.backward()
+        opt2.step()
+        opt2.zero_grad()
+        ad_losses.append(loss.item())
+    w = model2.blocks[0].fc.weight
+    result["adapprox"] = {
+        "first_loss": ad_losses[0],
+        "last_loss": sum(ad_losses[-5:]) / 5,
+        "factor_q_rows": opt2.state[w]["factor_q"].shape[0],
+        "local_rows": w.to_local().shape[0],
+        "global_rows": w.shape[0],
+    }
+    _write(out, f"fsdp_rank{rank}.json", result)
+
+    if rank == 0:  # the single-process reference on the whole batch
+        ref = _tiny_gpt(0)
+        ref_opt = MicroAdam(ref.parameters(), **GPT_HYPER)
+        ref_losses = []
+        for t in range(steps):
+            _, loss = ref(xb[t], yb[t])
+            loss.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            ref_losses.append(loss.item())
+        with torch.no_grad():
+            _, ref_eval = ref(xb[steps], yb[steps])
+        _write(
+            out,
+            "fsdp_ref.json",
+            {
+                "losses": ref_losses,
+                "eval_loss": ref_eval.item(),
+                "state_bytes": state_bytes(ref_opt),
+                "numel": sum(q.numel() for q in ref.parameters()),
+            },
+        )
+
+
+# -- DCP -------------------------------------------------------------------------------
+
+
+def _dcp_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # 37 rows: uneven shards (19 and 18 rows), so the per-shard states differ in shape.
+    return nn.Sequential(nn.Linear(24, 37), nn.Tanh(), nn.Linear(37, 10))
+
+
+def _dcp_setup(sharded: bool = True):
+    model = _dcp_model()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model)
+    params = list(model.parameters())
+    opt = MicroAdam(
+        [
+            {"params": params[:2]},
+            {"params": params[2:], "rounding": "stochastic"},  # exercises rng_seed
+        ],
+        lr=1e-2,
+        density=0.1,
+        topk_block_size=64,
+        quant_block_size=32,
+    )
+    return model, opt
+
+
+def _dcp_train(model, opt, t0: int, t1: int) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(t1, 16, 24, generator=g)
+    y = torch.randint(0, 10, (t1, 16), generator=g)
+    half = 16 // world
+    for t in range(t0, t1):
+        sl = slice(rank * half, (rank + 1) * half)
+        F.cross_entropy(model(x[t, sl]), y[t, sl]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _local_states(model, opt) -> dict:
+    return {
+        name: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        for name, p in model.named_parameters()
+    }
+
+
+def _full_params(model) -> dict:
+    return {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+
+
+def run_dcp_save(out: Path, ckpt: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    model, opt = _dcp_setup()
+    _dcp_train(model, opt, 0, 7)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    torch.save(_local_states(model, opt), out / f"state_before_rank{rank}.pt")
+    _dcp_train(model, opt, 7, 14)
+    full = _full_params(model)
+    if rank == 0:
+        torch.save(full, out / "final_uninterrupted.pt")
+
+
+def run_dcp_load(out: Path, ckpt: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    rank = dist.get_rank()
+    model, opt = _dcp_setup()
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    before = torch.load(out / f"state_before_rank{rank}.pt", weights_only=True)
+    after = _local_states(model, opt)
+    mismatch = [
+        f"{name}.{k}"
+        for name, st in before.items()
+        for k, v in st.items()
+        if k not in after[name]
+        or after[name][k].dtype != v.dtype
+        or not torch.equal(after[name][k], v)
+    ]
+    shapes = {name: {k: list(v.shape) for k, v in st.items()} for name, st in after.items()}
+    _dcp_train(model, opt, 7, 14)
+    full = _full_params(model)
+    result = {"state_mismatch": mismatch, "state_shapes": shapes}
+    if rank == 0:
+        ref = torch.load(out / "final_uninterrupted.pt", weights_only=True)
+        result["max_param_diff"] = max((full[k] - ref[k]).abs().max().item() for k in ref)
+        result["params_bitwise_equal"] = all(torch.equal(full[k], ref[k]) for k in ref)
+    _write(out, f"dcp_load_rank{rank}.json", result)
+
+
+def run_dcp_wrong_world(out: Path, ckpt: str) -> None:
+    """Load the two-rank checkpoint in one process: FSDP2 on a world of one, and a plain
+    model. Both must fail, and say why."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    errors = {}
+    for name, sharded in (("fsdp_world1", True), ("plain", False)):
+        model, opt = _dcp_setup(sharded=sharded)
+        msd, osd = get_state_dict(model, opt)
+        try:
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+            set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            errors[name] = f"{type(err).__name__}: {err}"
+        else:
+            errors[name] = None
+    # The same checks in MicroAdam.load_state_dict, for state dicts that reach it directly.
+    from torch.distributed.tensor import DTensor
+
+    sharded_model, sharded_opt = _dcp_setup(sharded=True)
+    _dcp_train(sharded_model, sharded_opt, 0, 1)
+    sd = sharded_opt.state_dict()
+    _, plain_opt = _dcp_setup(sharded=False)
+    try:
+        plain_opt.load_state_dict(sd)
+    except ValueError as err:
+        errors["load_state_dict_unsharded"] = str(err)
+    value = sd["state"][0]["window_indices"]  # saved from 1 shard; pretend from 2
+    sd["state"][0]["window_indices"] = DTensor.from_local(
+        value.to_local(),
+        value.device_mesh,
+        value.placements,
+        run_check=False,
+        shape=torch.Size((2, *value.shape[1:])),
+        stride=value.stride(),
+    )
+    try:
+        sharded_opt.load_state_dict(sd)
+    except ValueError as err:
+        errors["load_state_dict_two_shards"] = str(err)
+    _write(out, "dcp_wrong_world.json", errors)
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        if mode == "ddp":
+            run_ddp(out)
+        elif mode == "fsdp":
+            run_fsdp(out)
+        elif mode == "dcp_save":
+            run_dcp_save(out, sys.argv[3])
+        elif mode == "dcp_load":
+            run_dcp_load(out, sys.argv[3])
+        elif mode == "dcp_wrong_world":
+            run_dcp_wrong_world(out, sys.argv[3])
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+        dist.barrier()
+    except Exception:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # do not wait on the other rank's collectives
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
