@@ -496,11 +496,18 @@ def _plot_memory(table: Any, out: Path) -> Path:
 # -- the report's text ----------------------------------------------------------------------
 
 
+# Training losses below this are float32 rounding of a perfect fit (the cross-entropy of
+# a confident correct prediction is 0 or a few ulps of 1); their order means nothing.
+LOSS_FLOOR = 1e-6
+
+
 def _cmp(a: float | None, b: float | None) -> str:
     if a is None or b is None:
         return "not comparable with"
     if a == b:
         return "equal to"
+    if max(a, b) < LOSS_FLOOR:
+        return "level with"
     return "below" if a < b else "above"
 
 
@@ -899,16 +906,22 @@ def reproduce(
         f"Python {platform.python_version()}, torch {torch.__version__}, "
         f"{platform.platform()}, {torch.get_num_threads()} torch thread(s)"
     )
+    # Redrawn from an earlier run (--reuse): the numbers are that run's, so is the command.
+    produced = old.get("command", command)
+    created = old.get("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    env = old.get("environment", env)
+    redrawn = [f"(Figures and text redrawn from its `reproduce.json` by `{command}`.)", ""]
     head = [
         "# The student report, reproduced on a correct implementation",
         "",
         "Produced by:",
         "",
         "```bash",
-        command,
+        produced,
         "```",
         "",
-        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; {env}.",
+        *(redrawn if old else []),
+        f"{created}; {env}.",
         "",
         "The student report that started this project trained MicroAdam on scikit-learn's "
         "iris (a single linear layer on the raw features) and breast-cancer data (a 30-8-2 "
@@ -919,7 +932,9 @@ def reproduce(
         "is stratified 80/20 (split seed 0); the loss is the cross-entropy over the whole "
         "training split after each epoch; accuracy is on the held-out 20%. A run *diverged* "
         "if its loss or a gradient turned non-finite; an epoch is a *spike* if its loss is "
-        f"more than {SPIKE_RATIO:g}x the best loss so far and above {SPIKE_FLOOR:g} nats."
+        f"more than {SPIKE_RATIO:g}x the best loss so far and above {SPIKE_FLOOR:g} nats. "
+        f"Final losses under {LOSS_FLOOR:g} are float32 rounding of a perfect fit and count "
+        "as level with each other."
         + ("" if can_plot else f"\n\n{plots.MISSING}"),
         "",
         markdown_table(["figure", "experiment", "this run"], glance),
@@ -939,7 +954,8 @@ def reproduce(
     ]
     report = out / "report.md"
     report.write_text("\n".join(head) + "\n" + "\n".join(sections))
-    record.update(command=command, epochs=epochs, seeds=list(seeds), environment=env)
+    record.update(command=produced, created=created, epochs=epochs, seeds=list(seeds),
+                  environment=env)  # fmt: skip
     record["runs"] = list(runs.cache.values())
     (out / "reproduce.json").write_text(json.dumps(_round(record)) + "\n")
     return report
