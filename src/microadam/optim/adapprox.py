@@ -722,12 +722,11 @@ class Adapprox(Optimizer):
         first; on a mismatch a ``ValueError`` says what differs and the optimizer is left
         as it was.
         """
-        version = state_dict.get("adapprox_format", None)
-        if version != STATE_FORMAT_VERSION:
-            raise ValueError(
-                f"Invalid state_dict: adapprox_format is {version!r}, expected "
-                f"{STATE_FORMAT_VERSION} (an Adapprox state dict of this version)"
-            )
+        from microadam.optim.micro_adam import _check_state_dict_format
+
+        _check_state_dict_format(
+            self, state_dict, "adapprox_format", STATE_FORMAT_VERSION, "Adapprox"
+        )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(

@@ -869,13 +869,11 @@ class MicroAdam(Optimizer):
         parameters first; on a mismatch a ``ValueError`` names the parameter and what
         differs, and the optimizer is left as it was.
         """
+        _check_is_state_dict(state_dict)
         state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
-        version = state_dict.get("microadam_format", None)
-        if version != STATE_FORMAT_VERSION:
-            raise ValueError(
-                f"Invalid state_dict: microadam_format is {version!r}, expected "
-                f"{STATE_FORMAT_VERSION} (a MicroAdam state dict of this version)"
-            )
+        _check_state_dict_format(
+            self, state_dict, "microadam_format", STATE_FORMAT_VERSION, "MicroAdam"
+        )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -914,6 +912,79 @@ class MicroAdam(Optimizer):
                 if isinstance(value, torch.Tensor):
                     device = value.device if key in ("step", "rng_seed") else p.device
                     self.state[p][key] = value.detach().to(device=device, copy=True)
+
+
+# Keys that mark the state dicts of this package's optimizers, and whose they are.
+_FORMAT_KEYS = {"microadam_format": "MicroAdam", "adapprox_format": "Adapprox"}
+
+
+def _check_is_state_dict(state_dict: Any) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` has the two entries of an optimizer's."""
+    if (
+        not isinstance(state_dict, dict)
+        or not isinstance(state_dict.get("param_groups"), list)
+        or not isinstance(state_dict.get("state"), dict)
+    ):
+        got = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict)
+        raise ValueError(
+            "Invalid state_dict: expected an optimizer state dict with 'state' and "
+            f"'param_groups', got {got.__name__ if isinstance(got, type) else got}"
+        )
+
+
+def _check_state_dict_format(
+    opt: Optimizer, state_dict: Any, format_key: str, version: int, name: str
+) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` is a ``name`` state dict of ``version``.
+
+    Shared by the ``load_state_dict`` of MicroAdam and Adapprox. A dict without
+    ``format_key`` is another optimizer's: the message says whose when it can tell (one of
+    :data:`_FORMAT_KEYS`), else names the first parameter whose saved state has foreign
+    keys and the hyperparameters ``name`` does not have, e.g. AdamW's ``amsgrad``.
+    """
+    _check_is_state_dict(state_dict)
+    groups = [g for g in state_dict["param_groups"] if isinstance(g, dict)]
+    saved = state_dict.get(format_key)
+    if saved == version:
+        return
+    if saved is not None:
+        raise ValueError(
+            f"Invalid state_dict: {format_key} is {saved!r}, but this version of microadam "
+            f"reads {name} state dicts of format {version} only (was it saved by a "
+            "different version of microadam?)"
+        )
+
+    def a(word: str) -> str:
+        return f"{'an' if word[0] in 'AEIOU' else 'a'} {word}"
+
+    for key, other in _FORMAT_KEYS.items():
+        if key != format_key and (key in state_dict or any(key in g for g in groups)):
+            raise ValueError(
+                f"Invalid state_dict: it looks like {a(other)} state dict (it has {key!r}, "
+                f"no {format_key!r}), not {a(name)} one; load it into {other}"
+            )
+    details = []
+    state = state_dict["state"]
+    first = next(
+        (
+            (p, state[pid])
+            for group, g in zip(opt.param_groups, groups, strict=False)
+            for pid, p in zip(g.get("params", []), group["params"], strict=False)
+            if isinstance(state.get(pid), dict) and state[pid]
+        ),
+        None,
+    )
+    if first is not None:
+        details.append(f"the saved state of {opt._describe(first[0])} has keys {sorted(first[1])}")
+    unknown = sorted({k for g in groups for k in g} - set(opt.defaults) - {"params"})
+    if unknown:
+        details.append(f"its param groups have settings {name} does not know: {unknown}")
+    raise ValueError(
+        f"Invalid state_dict: it has no {format_key!r}, so it looks like another optimizer's "
+        f"state dict (such as torch.optim.AdamW's), not {a(name)} one"
+        + (f": {'; '.join(details)}" if details else "")
+        + f". Only state dicts saved by {name}.state_dict() can be loaded"
+    )
 
 
 def _plain_lr(group: dict[str, Any]) -> dict[str, Any]:
