@@ -47,6 +47,7 @@ import microadam.optim.micro_adam as micro_adam_module
 from microadam import Adapprox, MicroAdam
 from microadam.compress.topk import topk_layout
 from microadam.kernels import micro_adam_cpu as kernel
+from reference.micro_adam_reference import topk_cut_ties
 
 _ENV = "MICROADAM_FUZZ_EXAMPLES"
 _EXPLORE = _ENV in os.environ
@@ -236,15 +237,8 @@ class TieWatch:
         block_topk, step_ = micro_adam_module.block_topk, micro_adam_module.micro_adam_step_
 
         def watched_topk(x, block_size, k_block, k_tail):
-            full = x.numel() // block_size
-            for blocks, k in (
-                (x[: full * block_size].view(full, block_size), k_block),
-                (x[full * block_size :].view(1, -1), k_tail),
-            ):
-                if blocks.numel() and k < blocks.shape[1]:
-                    top = blocks.abs().topk(k + 1, dim=1).values
-                    if bool((top[:, k - 1] == top[:, k]).any()):
-                        self.tied.add(self.current)
+            if topk_cut_ties(x, block_size, k_block, k_tail):
+                self.tied.add(self.current)
             return block_topk(x, block_size, k_block, k_tail)
 
         def watched_step(param, *args, **kwargs):

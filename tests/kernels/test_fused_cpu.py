@@ -21,6 +21,7 @@ import sys
 import textwrap
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ import torch
 import microadam.optim.micro_adam as micro_adam_module
 from microadam import MicroAdam
 from microadam.kernels import micro_adam_cpu as kernel
+from reference.micro_adam_reference import topk_cut_ties
 
 STEPS = 20
 
@@ -255,14 +257,7 @@ class TieWatch:
         original = micro_adam_module.block_topk
 
         def watched(x, block_size, k_block, k_tail):
-            full = x.numel() // block_size
-            for blocks, k in (
-                (x[: full * block_size].view(full, block_size), k_block),
-                (x[full * block_size :].view(1, -1), k_tail),
-            ):
-                if blocks.numel() and k < blocks.shape[1]:
-                    top = blocks.abs().topk(k + 1, dim=1).values
-                    self.ties += int((top[:, k - 1] == top[:, k]).sum())
+            self.ties += topk_cut_ties(x, block_size, k_block, k_tail)
             return original(x, block_size, k_block, k_tail)
 
         monkeypatch.setattr(micro_adam_module, "block_topk", watched)
@@ -551,7 +546,7 @@ def test_portable_build_matches_pure(fused_kernel):
         assert not any(f.startswith("-march") for f in portable)
         kernel._flag_sets = lambda: [portable]
         assert kernel.unavailable_reason() is None, kernel.unavailable_reason()
-        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         import test_fused_cpu as t
         for name in {PORTABLE_CASES!r}:
             mp = MonkeyPatch()

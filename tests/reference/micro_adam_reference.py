@@ -52,6 +52,7 @@ __all__ = [
     "quantize_buckets",
     "reference_step",
     "topk_blocks",
+    "topk_cut_ties",
     "topk_layout",
 ]
 
@@ -108,6 +109,22 @@ def topk_blocks(a: torch.Tensor, block_size: int, density: float) -> tuple[list[
             ties += 1
         kept.extend(start + i for i in sorted(order[:k]))
     return kept, ties
+
+
+def topk_cut_ties(x: torch.Tensor, block_size: int, k_block: int, k_tail: int) -> int:
+    """How many Top-K blocks of ``x`` (full blocks keep ``k_block``, the short last one
+    ``k_tail``) have a tie between the last kept and the first dropped ``|x|``: there either
+    choice of indices is correct, so two implementations may keep different ones."""
+    full = x.numel() // block_size
+    ties = 0
+    for blocks, k in (
+        (x[: full * block_size].view(full, block_size), k_block),
+        (x[full * block_size :].view(1, -1), k_tail),
+    ):
+        if blocks.numel() and k < blocks.shape[1]:
+            top = blocks.abs().topk(k + 1, dim=1).values
+            ties += int((top[:, k - 1] == top[:, k]).sum())
+    return ties
 
 
 def _bucket_step(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype):
