@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from microadam.optim import _sharding
+from microadam.optim._common import describe_param, params_with_grad
 
 __all__ = [
     "Adapprox",
@@ -640,11 +641,7 @@ class Adapprox(Optimizer):
                 )
 
     def _describe(self, p: torch.Tensor) -> str:
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
-        return f"parameter of shape {tuple(p.shape)}"
+        return describe_param(self.param_groups, p)
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -662,22 +659,7 @@ class Adapprox(Optimizer):
                 loss = closure()
 
         # Check every gradient before touching anything, so a bad one changes nothing.
-        work = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "Adapprox does not support sparse gradients; use torch.optim.SparseAdam "
-                        "for sparse embeddings or build them with sparse=False"
-                    )
-                if p.is_complex():
-                    raise RuntimeError(
-                        "Adapprox does not support complex parameters; optimize "
-                        "torch.view_as_real(param) as a real parameter instead"
-                    )
-                work.append((group, p))
+        work = params_with_grad("Adapprox", self.param_groups)
         # A DTensor parameter (FSDP2) steps on its local shard (to_local() views the local
         # storage, so the update lands in the parameter) and factors the local rows only.
         finite = [bool(torch.isfinite(_sharding.local(p.grad)).all()) for _, p in work]

@@ -34,6 +34,7 @@ from microadam.compress.quant import (
 from microadam.compress.topk import MAX_BLOCK_SIZE, TopKLayout, block_topk, topk_layout
 from microadam.compress.window import window_direction
 from microadam.optim import _sharding
+from microadam.optim._common import describe_param, params_with_grad
 
 __all__ = [
     "DEFAULT_QUANT_BLOCK_SIZE",
@@ -632,11 +633,7 @@ class MicroAdam(Optimizer):
                 )
 
     def _describe(self, p: torch.Tensor) -> str:
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
-        return f"parameter of shape {tuple(p.shape)}"
+        return describe_param(self.param_groups, p)
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -654,22 +651,7 @@ class MicroAdam(Optimizer):
                 loss = closure()
 
         # Check every gradient before touching anything, so a bad one changes nothing.
-        work = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "MicroAdam does not support sparse gradients; use torch.optim.SparseAdam "
-                        "for sparse embeddings or build them with sparse=False"
-                    )
-                if p.is_complex():
-                    raise RuntimeError(
-                        "MicroAdam does not support complex parameters; optimize "
-                        "torch.view_as_real(param) as a real parameter instead"
-                    )
-                work.append((group, p))
+        work = params_with_grad("MicroAdam", self.param_groups)
         # A DTensor parameter (FSDP2) steps on its local shard: to_local() views the local
         # storage, so the in-place update lands in the parameter; its state is per shard.
         shards = [(_sharding.local(p), _sharding.local(p.grad)) for _, p in work]

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from microadam.optim._common import params_with_grad
+
 __all__ = [
     "DEFAULT_A",
     "DEFAULT_B",
@@ -533,27 +535,13 @@ class Muon(Optimizer):
                 loss = closure()
 
         # Check every gradient before touching anything, so a bad one changes nothing.
-        work = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "Muon does not support sparse gradients; build embeddings with "
-                        "sparse=False or use torch.optim.SparseAdam for them"
-                    )
-                if p.is_complex():
-                    raise RuntimeError(
-                        "Muon does not support complex parameters; optimize "
-                        "torch.view_as_real(param) as a real parameter instead"
-                    )
-                if group["use_muon"] and p.grad.shape != p.shape:
-                    raise RuntimeError(
-                        f"Muon: gradient of shape {tuple(p.grad.shape)} for a parameter of "
-                        f"shape {tuple(p.shape)}"
-                    )
-                work.append((group, p))
+        work = params_with_grad("Muon", self.param_groups)
+        for group, p in work:
+            if group["use_muon"] and p.grad.shape != p.shape:
+                raise RuntimeError(
+                    f"Muon: gradient of shape {tuple(p.grad.shape)} for a parameter of "
+                    f"shape {tuple(p.shape)}"
+                )
 
         for group, p in work:
             lr = group["lr"]
