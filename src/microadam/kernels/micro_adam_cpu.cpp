@@ -100,7 +100,8 @@ struct Job {
 };
 
 // Per-thread buffers, sized by the unit and the block: the step's whole scratch memory
-// (about 13 bytes per unit element plus 40 per block element; 100 KiB at the defaults).
+// (13 bytes per unit element plus 33 per block element: 184 KiB at the defaults, where
+// unit and block are both 4096 elements).
 struct Scratch {
   std::vector<float> a;           // corrected gradient of the unit
   std::vector<uint8_t> code;      // unpacked codes of the unit (portable path; +2 padding)
