@@ -3,11 +3,26 @@ naming a parameter in an error message."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["describe_param", "params_with_grad"]
+__all__ = ["LazyText", "describe_param", "params_with_grad"]
+
+
+class LazyText:
+    """Text made only when it is formatted: for error messages built on a hot path (naming
+    a parameter walks every param group, which per parameter and step would be quadratic)."""
+
+    def __init__(self, make: Callable[[], str]):
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
+
+    def __format__(self, spec: str) -> str:
+        return format(self._make(), spec)
 
 
 def describe_param(param_groups: list[dict[str, Any]], p: torch.Tensor) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from microadam.optim import _sharding
-from microadam.optim._common import describe_param, params_with_grad
+from microadam.optim._common import LazyText, describe_param, params_with_grad
 
 __all__ = [
     "Adapprox",
@@ -606,7 +606,7 @@ class Adapprox(Optimizer):
     def _check_state(self, p: torch.Tensor, state: dict, origin: str) -> None:
         """Raise ``RuntimeError`` if ``state`` does not fit parameter ``p`` (its local
         shard for a DTensor)."""
-        where = self._describe(p)
+        where = LazyText(lambda: self._describe(p))
         lp = _sharding.local(p)
         shape = matrix_shape(lp)
         if shape is None:

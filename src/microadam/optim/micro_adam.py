@@ -34,7 +34,7 @@ from microadam.compress.quant import (
 from microadam.compress.topk import MAX_BLOCK_SIZE, TopKLayout, block_topk, topk_layout
 from microadam.compress.window import window_direction
 from microadam.optim import _sharding
-from microadam.optim._common import describe_param, params_with_grad
+from microadam.optim._common import LazyText, describe_param, params_with_grad
 
 __all__ = [
     "DEFAULT_QUANT_BLOCK_SIZE",
@@ -604,7 +604,7 @@ class MicroAdam(Optimizer):
 
     def _check_state(self, p, group, state, origin: str) -> None:
         """Raise if ``state`` does not fit parameter ``p`` under ``group``'s settings."""
-        where = self._describe(p)
+        where = LazyText(lambda: self._describe(p))
         for key, shape in self._expected_shapes(p, group).items():
             if key not in state:
                 raise RuntimeError(
