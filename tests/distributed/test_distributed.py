@@ -119,3 +119,36 @@ def test_dcp_resume_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     two = errors["load_state_dict_two_shards"]
     assert "window_indices of parameter 0 of param group 0 (shape (37, 24))" in two
     assert "was saved from 2 shard(s), but the parameter is sharded over 1 rank(s)" in two
+
+
+def test_non_finite_gradient_raises_on_every_rank_and_changes_nothing(tmp_path, launch):
+    """The non-finite gradient policy under FSDP2 and DDP, for MicroAdam and Adapprox.
+
+    FSDP2: after 3 good steps, rank 1 alone puts a NaN into its local shard of a weight's
+    gradient (rank 0's gradients are all finite). The check is agreed over the ranks, so
+    both ranks raise ``RuntimeError`` naming that parameter, and on both every parameter
+    shard and state tensor is bit-identical to before the call. DDP: an inf in rank 1's
+    input batch reaches the all-reduced gradient of both ranks; both raise and change
+    nothing. In every case the next good step works on both ranks and leaves everything
+    finite (and the DDP replicas identical). A rank that did not raise while the other did
+    would hang in the next collective, which ``launch``'s timeout turns into a failure.
+    """
+    launch("nonfinite", 2, tmp_path, timeout=120)
+    ranks = [_read(tmp_path / f"nonfinite_rank{r}.json") for r in range(2)]
+    for case in ("fsdp_MicroAdam", "ddp_MicroAdam", "fsdp_Adapprox", "ddp_Adapprox"):
+        name = case.split("_")[1]
+        for rank, r in enumerate(ranks):
+            c = r[case]
+            where = f"{case} on rank {rank}"
+            assert c["error"] is not None, f"{where}: step did not raise"
+            assert f"{name}: non-finite gradient (NaN or inf) for parameter" in c["error"]
+            assert "nothing was updated" in c["error"]
+            assert c["unchanged"], f"{where}: the failed step changed something"
+            assert c["good_step_changed_params"], f"{where}: the next good step did nothing"
+            assert c["finite_after"], where
+            if case.startswith("ddp"):
+                assert c["replicas_identical"], where
+        if case.startswith("fsdp"):
+            # Both ranks name the same parameter: the last Linear's weight (parameter 2).
+            assert ranks[0][case]["error"] == ranks[1][case]["error"]
+            assert "parameter 2 of param group 0 (shape (10, 37))" in ranks[0][case]["error"]

@@ -357,6 +357,118 @@ def run_dcp_wrong_world(out: Path, ckpt: str) -> None:
     _write(out, "dcp_wrong_world.json", errors)
 
 
+# -- non-finite gradients --------------------------------------------------------------
+
+
+def _snapshot(params, opt) -> list[torch.Tensor]:
+    """Clones of every local parameter shard and every state tensor, in a fixed order."""
+    from microadam.optim._sharding import local
+
+    out = [local(p).detach().clone() for p in params]
+    for p in params:
+        for _, v in sorted(opt.state[p].items()):
+            if isinstance(v, torch.Tensor):
+                out.append(local(v).clone())
+    return out
+
+
+def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(-1), y.view(-1))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _bad_step(params, opt, forward_backward) -> dict:
+    """One step on a non-finite gradient (``forward_backward`` makes it), then a good one."""
+    before = _snapshot(params, opt)
+    forward_backward(bad=True)
+    try:
+        opt.step()
+    except RuntimeError as err:
+        error = str(err)
+    else:
+        error = None
+    unchanged = _same_bits(before, _snapshot(params, opt))
+    opt.zero_grad()
+    forward_backward(bad=False)
+    opt.step()
+    opt.zero_grad()
+    after = _snapshot(params, opt)
+    return {
+        "error": error,
+        "unchanged": unchanged,
+        "good_step_changed_params": not _same_bits(before[: len(params)], after[: len(params)]),
+        "finite_after": all(bool(torch.isfinite(t.float()).all()) for t in after),
+    }
+
+
+def run_nonfinite(out: Path) -> None:
+    """A NaN in one rank's local gradient shard (FSDP2) and an inf in one rank's input
+    batch (DDP), for MicroAdam and Adapprox: both ranks raise, nothing changes, and the
+    next good step works."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 24, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    half = 16 // world
+    xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    makers = {
+        "MicroAdam": lambda ps: MicroAdam(
+            ps, lr=1e-2, density=0.1, topk_block_size=64, quant_block_size=32
+        ),
+        "Adapprox": lambda ps: Adapprox(ps, lr=1e-2, max_rank=4),
+    }
+    result = {}
+    for name, make in makers.items():
+        # FSDP2: rank 1 alone gets a NaN in its local shard of the last weight (factored
+        # for Adapprox); rank 0's own gradients are all finite.
+        model = _dcp_model()
+        fully_shard(model[0])
+        fully_shard(model)
+        params = list(model.parameters())
+        opt = make(params)
+        for _ in range(3):
+            F.cross_entropy(model(xs), ys).backward()
+            opt.step()
+            opt.zero_grad()
+
+        def fsdp_fb(bad: bool, model=model) -> None:
+            F.cross_entropy(model(xs), ys).backward()
+            if bad and rank == 1:
+                model[2].weight.grad.to_local()[0, 0] = float("nan")
+
+        result[f"fsdp_{name}"] = _bad_step(params, opt, fsdp_fb)
+
+        # DDP: an inf in rank 1's input batch reaches the all-reduced gradient of both.
+        model = _dcp_model()
+        ddp = DDP(model)
+        params = list(model.parameters())
+        opt = make(params)
+        for _ in range(3):
+            F.cross_entropy(ddp(xs), ys).backward()
+            opt.step()
+            opt.zero_grad()
+
+        def ddp_fb(bad: bool, ddp=ddp) -> None:
+            inp = xs.clone()
+            if bad and rank == 1:
+                inp[0, 0] = float("inf")
+            F.cross_entropy(ddp(inp), ys).backward()
+
+        result[f"ddp_{name}"] = _bad_step(params, opt, ddp_fb)
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        result[f"ddp_{name}"]["replicas_identical"] = all(
+            torch.equal(gathered[0], t) for t in gathered
+        )
+    _write(out, f"nonfinite_rank{rank}.json", result)
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -370,6 +482,8 @@ def main() -> None:
             run_dcp_save(out, sys.argv[3])
         elif mode == "dcp_load":
             run_dcp_load(out, sys.argv[3])
+        elif mode == "nonfinite":
+            run_nonfinite(out)
         elif mode == "dcp_wrong_world":
             run_dcp_wrong_world(out, sys.argv[3])
         else:

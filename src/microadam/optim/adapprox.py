@@ -210,6 +210,49 @@ def adaptive_low_rank(
     return q, u, err
 
 
+def _mul_pow2_(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t *= 2**e`` in place, exactly (up to overflow or underflow), in pieces whose factor
+    the dtype can hold; an overflow gives inf (never NaN: every factor is a positive normal
+    number)."""
+    piece = 100 if t.dtype != torch.float64 else 1000
+    while e != 0:
+        k = max(-piece, min(piece, e))
+        t.mul_(2.0**k)
+        e -= k
+    return t
+
+
+def _overflow_shift(g: torch.Tensor, u_prev: torch.Tensor, beta2: float, m: int, n: int) -> int:
+    """The ``h >= 0`` for which the factored step is computed on ``g / 2^h`` and the second
+    moment on ``V / 4^h``: 0 unless the matrix to factor could overflow its sums.
+
+    Every entry of ``A = beta2 Q U^T + (1 - beta2) g^2`` is at most
+    ``B = (1 - beta2) max|g|^2 + beta2 k max|U|`` (``Q`` has orthonormal columns), and AS-RSI
+    sums squares of entries (``||A||_F^2``, ``||U||_F^2``), which stay below the dtype's
+    maximum if ``m n B^2 <= max / 4``. Bounds are taken in log2, which cannot overflow.
+    """
+    if g.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(g)
+    gmax = max(-lo.item(), hi.item())
+    terms = []
+    if gmax > 0 and beta2 < 1:
+        terms.append(2 * math.log2(gmax) + math.log2(1.0 - beta2))
+    k = u_prev.shape[1]
+    if k > 0 and beta2 > 0 and u_prev.numel() > 0:
+        ulo, uhi = torch.aminmax(u_prev)
+        umax = max(-ulo.item(), uhi.item())
+        if umax > 0:
+            terms.append(math.log2(beta2 * k * umax))
+    if not terms:
+        return 0
+    log2_bound = max(terms) + 1.0  # a + b <= 2 max(a, b)
+    log2_limit = (math.log2(torch.finfo(g.dtype).max) - 2.0 - math.log2(m * n)) / 2.0
+    if log2_bound <= log2_limit:
+        return 0
+    return math.ceil((log2_bound - log2_limit) / 2.0)
+
+
 def _direction(
     grad: torch.Tensor, v: torch.Tensor, eps: float, clip_threshold: float | None
 ) -> torch.Tensor:
@@ -258,10 +301,21 @@ def adapprox_step_(
         v = state["exp_avg_sq"]
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         d = _direction(g, v, eps, clip_threshold)
+        # |g| >= 2^64 (float32) overflows v to inf, which steps that coordinate by
+        # g / inf = 0 as torch.optim.Adam does; keep the state finite (a no-op otherwise).
+        v.clamp_(max=torch.finfo(dtype).max)
     else:
         m, n = shape
         g = g.reshape(m, n)
         q_prev, u_prev = state["factor_q"], state["factor_u"]
+        # Huge gradients: g^2 would overflow, or the factorization's sums of squares would.
+        # Then work on g / 2^h and V / 4^h (exact power-of-two scaling, so the direction
+        # g / (sqrt(V) + eps) is unchanged); h is 0 for ordinary gradients.
+        h = _overflow_shift(g, u_prev, beta2, m, n)
+        if h:
+            _mul_pow2_(g, -h)
+            u_prev = _mul_pow2_(u_prev.clone(), -2 * h)
+            eps = eps * 2.0**-h
         # Alg. line 1: V_t = beta2 Q_{t-1} U_{t-1}^T + (1 - beta2) g^2, formed transiently.
         g_sq = torch.mul(g, g).mul_(1.0 - beta2)
         a = g_sq.clone()
@@ -282,7 +336,13 @@ def adapprox_step_(
         )
         del a
         state["factor_q"] = q.contiguous()
-        state["factor_u"] = u.contiguous()
+        if h:
+            # Back to the true scale; where V itself is beyond the dtype's range, U saturates
+            # at its maximum (the next step's V is then smaller than the true one).
+            fmax = torch.finfo(u.dtype).max
+            state["factor_u"] = _mul_pow2_(u.clone(), 2 * h).clamp_(-fmax, fmax).contiguous()
+        else:
+            state["factor_u"] = u.contiguous()
         state["rng_state"] = generator.get_state()
         # Alg. line 3: the low-rank V may dip below zero, or below the exact dense V_t's
         # lower bound (1 - beta2) g^2, where the true V_t is small; clamp it there.
@@ -465,6 +525,24 @@ class Adapprox(Optimizer):
         (``torch.save(opt.state_dict())`` on each rank); ``torch.distributed.checkpoint``
         would treat it as replicated and is not supported for Adapprox on sharded
         parameters.
+
+    .. note::
+        Huge gradients. A non-finite gradient raises ``RuntimeError`` and changes nothing;
+        a finite one never makes a parameter or state tensor NaN or inf, up to the float32
+        maximum. For a factored parameter, when :math:`(1-\beta_2) g^2` or the sums of
+        squares in AS-RSI could overflow (an entry bound :math:`B` of the matrix to factor
+        with :math:`mnB^2` above a quarter of the dtype's maximum, so about
+        :math:`|g| \ge 2^{32}` for a 1024 x 1024 float32 matrix; never for ordinary
+        gradients, whose step is unchanged bit for bit), the step works on
+        :math:`g / 2^h` and :math:`V / 4^h` with the smallest :math:`h` that avoids it.
+        Scaling by a power of two is exact, so the direction
+        :math:`g / (\sqrt{\hat V} + \epsilon)` is the unscaled one up to underflow of
+        entries far below the largest. ``factor_u`` is stored at the true scale, saturated
+        at the dtype's maximum where :math:`V` itself is beyond it, and later steps keep
+        scaling until it has decayed. The dense rule of 0-D and 1-D parameters stores
+        :math:`v` exactly: where :math:`g^2` overflows, the coordinate steps by
+        :math:`g / \infty = 0` as ``torch.optim.Adam``'s does, and ``exp_avg_sq`` saturates at
+        the dtype's maximum instead of holding inf.
 
     Memory: for an :math:`m \times n` matrix (float32 or lower-precision parameters keep
     float32 state, float64 parameters float64) the persistent state is ``factor_q``
