@@ -46,7 +46,6 @@ from hypothesis import strategies as st
 import microadam.optim.micro_adam as micro_adam_module
 from microadam import Adapprox, MicroAdam
 from microadam.compress.topk import topk_layout
-from microadam.kernels import micro_adam_cpu as kernel
 from reference.micro_adam_reference import topk_cut_ties
 
 _ENV = "MICROADAM_FUZZ_EXAMPLES"
@@ -69,14 +68,6 @@ SCALES = {"normal": 0, "huge": 100, "tiny": -100, "subnormal": -136}
 ADAPPROX_SCALES = {"normal": 0, "huge": 100, "tiny": -100, "subnormal": -136}
 POOL = 1 << 16
 KINDS = ["none", "zero", "constant", "sparse", "random", "random", "random", "mixed"]
-
-
-@pytest.fixture(scope="module")
-def fused_kernel():
-    reason = kernel.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the fused CPU kernel is unavailable here: {reason}")
-    return kernel
 
 
 # -- strategies ------------------------------------------------------------------------------

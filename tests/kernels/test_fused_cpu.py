@@ -35,15 +35,6 @@ from reference.micro_adam_reference import topk_cut_ties
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def fused_kernel():
-    """The loaded kernel (built on first use), or a skip saying why there is none."""
-    reason = kernel.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the fused CPU kernel is unavailable here: {reason}")
-    return kernel
-
-
 @pytest.fixture
 def restore_kernel_state(monkeypatch):
     """Let a test fake a failed or disabled kernel; the loaded one comes back afterwards."""
