@@ -121,6 +121,56 @@ def test_dcp_resume_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     assert "was saved from 2 shard(s), but the parameter is sharded over 1 rank(s)" in two
 
 
+def test_dcp_resume_adapprox_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
+    """torch.distributed.checkpoint with Adapprox: the same save / load / continue as for
+    MicroAdam (two FSDP2 ranks, uneven shards of 19 and 18 rows, 7 + 7 steps; group 1
+    without the first moment).
+
+    Adapprox's state is per shard with a rank chosen per shard, so its keys carry a per-rank
+    suffix (``factor_q@shard0of2``) and DCP saves every rank's own state; the factors are
+    padded to the largest rank, so a fresh optimizer's state has their shapes. Every rank's
+    state after loading equals its state before saving (every tensor, dtype, shape and
+    bits), and the final parameters equal the uninterrupted run's bit for bit. In one
+    process the two-rank checkpoint does not load (DCP finds no ``@shard0of1`` or unsuffixed
+    keys), and ``Adapprox.load_state_dict`` raises a ``ValueError`` naming the parameter and
+    the shards for per-shard state from an unsharded parameter or another sharding.
+    """
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    launch("dcp_adapprox_save", 2, tmp_path, str(ckpt))
+    launch("dcp_adapprox_load", 2, tmp_path, str(ckpt))
+    loaded = [_read(tmp_path / f"dcp_load_rank{r}.json") for r in range(2)]
+    for r in loaded:
+        assert r["state_mismatch"] == []
+        shapes = r["state_shapes"]
+        assert set(shapes["0.weight"]) == {"step", "factor_q", "factor_u", "rng_state", "exp_avg"}
+        assert set(shapes["2.weight"]) == {"step", "factor_q", "factor_u", "rng_state"}
+    # Uneven shards: each rank's factor_q has its own row count; the ranks chosen are below
+    # the cap of 8 (measured: 1 on both ranks for 0.weight, 2 and 1 for 2.weight, whose cap
+    # is 5), so the padding to the cap and the trimming on load were exercised.
+    for rank, rows in ((0, 19), (1, 18)):
+        q = loaded[rank]["state_shapes"]["0.weight"]["factor_q"]
+        assert q[0] == rows
+        assert q[1] < 8
+    assert loaded[0]["params_bitwise_equal"], loaded[0]["max_param_diff"]
+
+    launch("dcp_adapprox_wrong_world", 1, tmp_path, str(ckpt))
+    errors = _read(tmp_path / "dcp_adapprox_wrong_world.json")
+    assert "factor_q@shard0of1" in errors["keys"]
+    assert "factor_rank@shard0of1" in errors["keys"]
+    for case in ("fsdp_world1", "plain"):
+        assert errors[case] is not None, f"{case}: loading onto one rank did not fail"
+        assert "Missing key in checkpoint state_dict: optim.state.0.weight." in errors[case]
+    unsharded = errors["load_state_dict_unsharded"]
+    assert "of parameter 0 of param group 0 (shape (37, 24))" in unsharded
+    assert "was saved from shard 0/1 of a sharded (DTensor) parameter" in unsharded
+    assert "per-shard state cannot be resharded" in unsharded
+    two = errors["load_state_dict_two_shards"]
+    assert "of parameter 0 of param group 0 (shape (37, 24))" in two
+    assert "was saved from shard 0/2, but this rank holds shard 0/1" in two
+    assert "per-shard state cannot be resharded" in two
+
+
 def test_non_finite_gradient_raises_on_every_rank_and_changes_nothing(tmp_path, launch):
     """The non-finite gradient policy under FSDP2 and DDP, for MicroAdam and Adapprox.
 

@@ -222,7 +222,7 @@ def _dcp_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(24, 37), nn.Tanh(), nn.Linear(37, 10))
 
 
-def _dcp_setup(sharded: bool = True):
+def _dcp_setup(sharded: bool = True, optimizer: str = "MicroAdam"):
     model = _dcp_model()
     if sharded:
         from torch.distributed.fsdp import fully_shard
@@ -230,6 +230,16 @@ def _dcp_setup(sharded: bool = True):
         fully_shard(model[0])
         fully_shard(model)
     params = list(model.parameters())
+    if optimizer == "Adapprox":
+        # A tight tolerance, so the adaptive ranks vary; no first moment in group 1.
+        opt = Adapprox(
+            [{"params": params[:2]}, {"params": params[2:], "betas": (None, 0.999)}],
+            lr=1e-2,
+            max_rank=8,
+            rank_step=1,
+            rank_tolerance=0.3,
+        )
+        return model, opt
     opt = MicroAdam(
         [
             {"params": params[:2]},
@@ -267,12 +277,12 @@ def _full_params(model) -> dict:
     return {name: p.full_tensor().clone() for name, p in model.named_parameters()}
 
 
-def run_dcp_save(out: Path, ckpt: str) -> None:
+def run_dcp_save(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank = dist.get_rank()
-    model, opt = _dcp_setup()
+    model, opt = _dcp_setup(optimizer=optimizer)
     _dcp_train(model, opt, 0, 7)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
@@ -283,12 +293,12 @@ def run_dcp_save(out: Path, ckpt: str) -> None:
         torch.save(full, out / "final_uninterrupted.pt")
 
 
-def run_dcp_load(out: Path, ckpt: str) -> None:
+def run_dcp_load(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     rank = dist.get_rank()
-    model, opt = _dcp_setup()
+    model, opt = _dcp_setup(optimizer=optimizer)
     msd, osd = get_state_dict(model, opt)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
@@ -300,8 +310,9 @@ def run_dcp_load(out: Path, ckpt: str) -> None:
         for k, v in st.items()
         if k not in after[name]
         or after[name][k].dtype != v.dtype
+        or after[name][k].shape != v.shape
         or not torch.equal(after[name][k], v)
-    ]
+    ] + [f"{name}.{k} (extra)" for name, st in after.items() for k in st if k not in before[name]]
     shapes = {name: {k: list(v.shape) for k, v in st.items()} for name, st in after.items()}
     _dcp_train(model, opt, 7, 14)
     full = _full_params(model)
@@ -311,6 +322,42 @@ def run_dcp_load(out: Path, ckpt: str) -> None:
         result["max_param_diff"] = max((full[k] - ref[k]).abs().max().item() for k in ref)
         result["params_bitwise_equal"] = all(torch.equal(full[k], ref[k]) for k in ref)
     _write(out, f"dcp_load_rank{rank}.json", result)
+
+
+def run_dcp_adapprox_wrong_world(out: Path, ckpt: str) -> None:
+    """Load the two-rank Adapprox checkpoint in one process (FSDP2 on a world of one, and
+    a plain model): the per-shard keys are not there, so both must fail; and
+    ``Adapprox.load_state_dict`` refuses per-shard state of another shard or sharding."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    errors = {}
+    for name, sharded in (("fsdp_world1", True), ("plain", False)):
+        model, opt = _dcp_setup(sharded=sharded, optimizer="Adapprox")
+        msd, osd = get_state_dict(model, opt)
+        try:
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+            set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            errors[name] = f"{type(err).__name__}: {err}"
+        else:
+            errors[name] = None
+    sharded_model, sharded_opt = _dcp_setup(sharded=True, optimizer="Adapprox")
+    _dcp_train(sharded_model, sharded_opt, 0, 1)
+    sd = sharded_opt.state_dict()
+    errors["keys"] = sorted(sd["state"][0])
+    _, plain_opt = _dcp_setup(sharded=False, optimizer="Adapprox")
+    try:
+        plain_opt.load_state_dict(sd)
+    except ValueError as err:
+        errors["load_state_dict_unsharded"] = str(err)
+    renamed = {k.replace("of1", "of2"): v for k, v in sd["state"][0].items()}
+    sd2 = {**sd, "state": {**sd["state"], 0: renamed}}
+    try:
+        sharded_opt.load_state_dict(sd2)
+    except ValueError as err:
+        errors["load_state_dict_two_shards"] = str(err)
+    _write(out, "dcp_adapprox_wrong_world.json", errors)
 
 
 def run_dcp_wrong_world(out: Path, ckpt: str) -> None:
@@ -484,6 +531,12 @@ def main() -> None:
             run_dcp_load(out, sys.argv[3])
         elif mode == "nonfinite":
             run_nonfinite(out)
+        elif mode == "dcp_adapprox_save":
+            run_dcp_save(out, sys.argv[3], "Adapprox")
+        elif mode == "dcp_adapprox_load":
+            run_dcp_load(out, sys.argv[3], "Adapprox")
+        elif mode == "dcp_adapprox_wrong_world":
+            run_dcp_adapprox_wrong_world(out, sys.argv[3])
         elif mode == "dcp_wrong_world":
             run_dcp_wrong_world(out, sys.argv[3])
         else:

@@ -8,6 +8,7 @@ iteration with the rank search) and :func:`adapprox_step_` (one step of one para
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -521,10 +522,13 @@ class Adapprox(Optimizer):
         (``factor_q`` has the local row count, the rank is chosen per shard, and the
         sketches come from per-rank generators), which is not the factorization one process
         would compute for the whole matrix. The non-finite gradient check is agreed over the
-        ranks. The per-shard state is plain tensors: save it per rank
-        (``torch.save(opt.state_dict())`` on each rank); ``torch.distributed.checkpoint``
-        would treat it as replicated and is not supported for Adapprox on sharded
-        parameters.
+        ranks. The per-shard state cannot be resharded, so :meth:`state_dict` gives its keys
+        a per-rank suffix (``factor_q@shard0of2``): ``torch.distributed.checkpoint`` (DCP,
+        ``get_state_dict`` / ``set_state_dict``) then saves every rank's own state and loads
+        it back into the same world size and sharding bit for bit, and loading it into
+        another world size fails (DCP's missing-key error, or a ``ValueError`` from
+        :meth:`load_state_dict` naming the parameter and both shards).
+        ``torch.save(opt.state_dict())`` on each rank works too.
 
     .. note::
         Huge gradients. A non-finite gradient raises ``RuntimeError`` and changes nothing;
@@ -766,9 +770,147 @@ class Adapprox(Optimizer):
     # -- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """The state dict, with ``adapprox_format`` (the layout version) at the top level.
+
+        Plain parameters' state is as in ``torch.optim``. The state of a DTensor parameter
+        (FSDP2) is per shard, so each of its keys is renamed ``f"{key}@shard{r}of{w}"``
+        (``r`` this rank's shard of the parameter, ``w`` the number of shards): every rank's
+        keys are its own, and ``torch.distributed.checkpoint`` (DCP) saves every rank's
+        state instead of deduplicating it as replicated. ``factor_q`` and ``factor_u`` are
+        zero-padded to the largest rank the parameter can take and the chosen rank is saved
+        as ``factor_rank``, so that their shapes do not depend on the adaptive rank (DCP
+        loads into the shapes of a fresh optimizer's state). When any parameter is a
+        DTensor, ``adapprox_format`` is also copied into every param group (DCP's
+        ``get_state_dict`` keeps only ``state`` and ``param_groups``).
+        """
         sd = super().state_dict()
         sd["adapprox_format"] = STATE_FORMAT_VERSION
+        sharded = False
+        for group, saved in zip(self.param_groups, sd["param_groups"], strict=True):
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                if not _sharding.is_dtensor(p):
+                    continue
+                sharded = True
+                if pid in sd["state"]:
+                    sd["state"][pid] = self._shard_keys(p, group, sd["state"][pid])
+        if sharded:
+            sd["param_groups"] = [
+                {**g, "adapprox_format": STATE_FORMAT_VERSION} for g in sd["param_groups"]
+            ]
         return sd
+
+    # DTensor parameters in checkpoints: per-shard keys.
+
+    @staticmethod
+    def _shard_of(p: torch.Tensor) -> tuple[int, int]:
+        """(this rank's shard index, number of shards) of DTensor ``p``: its mesh
+        coordinates along the sharded mesh dimensions, raveled."""
+        from torch.distributed.tensor import Shard
+
+        coord = p.device_mesh.get_coordinate()
+        if coord is None:
+            raise RuntimeError("Adapprox: this rank is not in the parameter's device mesh")
+        r = 0
+        for i, pl in enumerate(p.placements):
+            if isinstance(pl, Shard):
+                r = r * p.device_mesh.size(i) + coord[i]
+        return r, _sharding.num_shards(p)
+
+    def _shard_keys(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> dict:
+        """``state`` of DTensor parameter ``p`` with per-shard keys and padded factors."""
+        r, w = self._shard_of(p)
+        state = dict(state)  # a new dict: the packed one is self.state[p]
+        shape = matrix_shape(_sharding.local(p))
+        q, u = state.get("factor_q"), state.get("factor_u")
+        if shape is not None and isinstance(q, torch.Tensor) and isinstance(u, torch.Tensor):
+            k = q.shape[1]
+            top = max(min(group["max_rank"], *shape), k)
+            state["factor_q"] = torch.nn.functional.pad(q, (0, top - k))
+            state["factor_u"] = torch.nn.functional.pad(u, (0, top - u.shape[1]))
+            state["factor_rank"] = torch.tensor(k, dtype=torch.int64)
+        return {f"{key}@shard{r}of{w}": value for key, value in state.items()}
+
+    def _local_state_for_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the layout version at the top level (also when DCP dropped
+        it), without the per-group copies, and with the per-shard keys of DTensor
+        parameters mapped back; ``ValueError`` when saved for another sharding."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            return state_dict
+        if "adapprox_format" not in state_dict and groups:
+            versions = {g.get("adapprox_format") for g in groups}
+            if len(versions) == 1 and None not in versions:
+                state_dict = {**state_dict, "adapprox_format": versions.pop()}
+        if any("adapprox_format" in g for g in groups):
+            groups = [{k: v for k, v in g.items() if k != "adapprox_format"} for g in groups]
+            state_dict = {**state_dict, "param_groups": groups}
+        state = state_dict.get("state")
+        if not isinstance(state, dict):
+            return state_dict
+        ids = {
+            pid: p
+            for group, saved in zip(self.param_groups, groups, strict=False)
+            for pid, p in zip(saved.get("params", []), group["params"], strict=False)
+        }
+        new_state, changed = {}, False
+        for pid, saved in state.items():
+            p = ids.get(pid)
+            if p is None or not isinstance(saved, dict):
+                new_state[pid] = saved
+                continue
+            suffixed = [k for k in saved if isinstance(k, str) and "@shard" in k]
+            if not suffixed and not _sharding.is_dtensor(p):
+                new_state[pid] = saved
+                continue
+            changed = True
+            new_state[pid] = self._unshard_keys(p, saved)
+        if changed:
+            state_dict = {**state_dict, "state": new_state}
+        return state_dict
+
+    def _unshard_keys(self, p: torch.Tensor, saved: dict) -> dict:
+        where = self._describe(p)
+        mine = self._shard_of(p) if _sharding.is_dtensor(p) else None
+        out = {}
+        for key, value in saved.items():
+            m = re.fullmatch(r"(.+)@shard(\d+)of(\d+)", key) if isinstance(key, str) else None
+            if m is None:
+                if mine is not None:
+                    raise ValueError(
+                        f"Invalid state_dict: {key} of {where} has no per-shard suffix, but "
+                        f"the parameter is a DTensor (shard {mine[0]}/{mine[1]} here); it was "
+                        "saved from an optimizer whose parameter was not sharded, and "
+                        "per-shard state cannot be resharded"
+                    )
+                out[key] = value
+                continue
+            name, r, w = m.group(1), int(m.group(2)), int(m.group(3))
+            if mine is None:
+                raise ValueError(
+                    f"Invalid state_dict: {name} of {where} was saved from shard {r}/{w} of a "
+                    "sharded (DTensor) parameter, but this parameter is not sharded; "
+                    "per-shard state cannot be resharded"
+                )
+            if (r, w) != mine:
+                raise ValueError(
+                    f"Invalid state_dict: {name} of {where} was saved from shard {r}/{w}, but "
+                    f"this rank holds shard {mine[0]}/{mine[1]}; per-shard state cannot be "
+                    "resharded (load it into the world size and sharding it was saved from)"
+                )
+            out[name] = value
+        rank = out.pop("factor_rank", None)
+        if rank is not None:
+            k = int(rank)
+            for key in ("factor_q", "factor_u"):
+                v = out.get(key)
+                if isinstance(v, torch.Tensor) and v.dim() == 2:
+                    if not 0 <= k <= v.shape[1]:
+                        raise ValueError(
+                            f"Invalid state_dict: factor_rank {k} of {where} does not fit "
+                            f"{key} of shape {tuple(v.shape)}"
+                        )
+                    out[key] = v[:, :k]
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`, keeping every buffer's dtype.
@@ -782,8 +924,10 @@ class Adapprox(Optimizer):
         first; on a mismatch a ``ValueError`` says what differs and the optimizer is left
         as it was.
         """
-        from microadam.optim.micro_adam import _check_state_dict_format
+        from microadam.optim.micro_adam import _check_is_state_dict, _check_state_dict_format
 
+        _check_is_state_dict(state_dict)
+        state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
         _check_state_dict_format(
             self, state_dict, "adapprox_format", STATE_FORMAT_VERSION, "Adapprox"
         )
