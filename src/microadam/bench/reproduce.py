@@ -934,8 +934,7 @@ def reproduce(
         "if its loss or a gradient turned non-finite; an epoch is a *spike* if its loss is "
         f"more than {SPIKE_RATIO:g}x the best loss so far and above {SPIKE_FLOOR:g} nats. "
         f"Final losses under {LOSS_FLOOR:g} are float32 rounding of a perfect fit and count "
-        "as level with each other."
-        + ("" if can_plot else f"\n\n{plots.MISSING}"),
+        "as level with each other." + ("" if can_plot else f"\n\n{plots.MISSING}"),
         "",
         markdown_table(["figure", "experiment", "this run"], glance),
         "",
