@@ -324,16 +324,15 @@ def run_dcp_load(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
     _write(out, f"dcp_load_rank{rank}.json", result)
 
 
-def run_dcp_adapprox_wrong_world(out: Path, ckpt: str) -> None:
-    """Load the two-rank Adapprox checkpoint in one process (FSDP2 on a world of one, and
-    a plain model): the per-shard keys are not there, so both must fail; and
-    ``Adapprox.load_state_dict`` refuses per-shard state of another shard or sharding."""
+def _dcp_load_errors(ckpt: str, optimizer: str) -> dict[str, str | None]:
+    """Try to load the two-rank checkpoint in this one process, into FSDP2 on a world of
+    one and into a plain model: the error each attempt raised, or None if it loaded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    errors = {}
+    errors: dict[str, str | None] = {}
     for name, sharded in (("fsdp_world1", True), ("plain", False)):
-        model, opt = _dcp_setup(sharded=sharded, optimizer="Adapprox")
+        model, opt = _dcp_setup(sharded=sharded, optimizer=optimizer)
         msd, osd = get_state_dict(model, opt)
         try:
             dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt)
@@ -342,6 +341,14 @@ def run_dcp_adapprox_wrong_world(out: Path, ckpt: str) -> None:
             errors[name] = f"{type(err).__name__}: {err}"
         else:
             errors[name] = None
+    return errors
+
+
+def run_dcp_adapprox_wrong_world(out: Path, ckpt: str) -> None:
+    """Load the two-rank Adapprox checkpoint in one process (FSDP2 on a world of one, and
+    a plain model): the per-shard keys are not there, so both must fail; and
+    ``Adapprox.load_state_dict`` refuses per-shard state of another shard or sharding."""
+    errors = _dcp_load_errors(ckpt, "Adapprox")
     sharded_model, sharded_opt = _dcp_setup(sharded=True, optimizer="Adapprox")
     _dcp_train(sharded_model, sharded_opt, 0, 1)
     sd = sharded_opt.state_dict()
@@ -363,20 +370,7 @@ def run_dcp_adapprox_wrong_world(out: Path, ckpt: str) -> None:
 def run_dcp_wrong_world(out: Path, ckpt: str) -> None:
     """Load the two-rank checkpoint in one process: FSDP2 on a world of one, and a plain
     model. Both must fail, and say why."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    errors = {}
-    for name, sharded in (("fsdp_world1", True), ("plain", False)):
-        model, opt = _dcp_setup(sharded=sharded)
-        msd, osd = get_state_dict(model, opt)
-        try:
-            dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-            set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-        except BaseException as err:  # DCP's CheckpointException is a BaseException
-            errors[name] = f"{type(err).__name__}: {err}"
-        else:
-            errors[name] = None
+    errors = _dcp_load_errors(ckpt, "MicroAdam")
     # The same checks in MicroAdam.load_state_dict, for state dicts that reach it directly.
     from torch.distributed.tensor import DTensor
 

@@ -19,6 +19,7 @@ loading the wrong numbers. :func:`local_state_value` undoes it on load.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -31,11 +32,14 @@ __all__ = [
     "local_state_value",
     "max_local_shape",
     "num_shards",
+    "shard_index",
     "shard_state_value",
 ]
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
+    """DTensor's class (looked up once: ``is_dtensor`` runs per parameter and step)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support
@@ -74,6 +78,21 @@ def num_shards(p: torch.Tensor) -> int:
 
     mesh = p.device_mesh
     return math.prod(mesh.size(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
+
+
+def shard_index(p: torch.Tensor) -> tuple[int, int]:
+    """(this rank's shard of DTensor ``p``, the number of shards): its mesh coordinates
+    along the sharded mesh dimensions, raveled."""
+    from torch.distributed.tensor import Shard
+
+    coord = p.device_mesh.get_coordinate()
+    if coord is None:
+        raise RuntimeError("this rank is not in the parameter's device mesh")
+    r = 0
+    for i, pl in enumerate(p.placements):
+        if isinstance(pl, Shard):
+            r = r * p.device_mesh.size(i) + coord[i]
+    return r, num_shards(p)
 
 
 def max_local_shape(p: torch.Tensor) -> tuple[int, ...]:

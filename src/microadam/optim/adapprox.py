@@ -16,7 +16,16 @@ import torch
 from torch.optim import Optimizer
 
 from microadam.optim import _sharding
-from microadam.optim._common import LazyText, describe_param, params_with_grad
+from microadam.optim._common import (
+    LazyText,
+    all_finite,
+    check_is_state_dict,
+    check_state_dict_format,
+    describe_param,
+    lift_format_key,
+    params_by_saved_id,
+    params_with_grad,
+)
 
 __all__ = [
     "Adapprox",
@@ -744,7 +753,7 @@ class Adapprox(Optimizer):
         work = params_with_grad("Adapprox", self.param_groups)
         # A DTensor parameter (FSDP2) steps on its local shard (to_local() views the local
         # storage, so the update lands in the parameter) and factors the local rows only.
-        finite = [bool(torch.isfinite(_sharding.local(p.grad)).all()) for _, p in work]
+        finite = [all_finite(_sharding.local(p.grad)) for _, p in work]
         sharded = [p for _, p in work if _sharding.is_dtensor(p)]
         if sharded:  # every rank must take the same decision
             finite = _sharding.all_ranks_agree(finite, sharded)
@@ -801,24 +810,9 @@ class Adapprox(Optimizer):
 
     # DTensor parameters in checkpoints: per-shard keys.
 
-    @staticmethod
-    def _shard_of(p: torch.Tensor) -> tuple[int, int]:
-        """(this rank's shard index, number of shards) of DTensor ``p``: its mesh
-        coordinates along the sharded mesh dimensions, raveled."""
-        from torch.distributed.tensor import Shard
-
-        coord = p.device_mesh.get_coordinate()
-        if coord is None:
-            raise RuntimeError("Adapprox: this rank is not in the parameter's device mesh")
-        r = 0
-        for i, pl in enumerate(p.placements):
-            if isinstance(pl, Shard):
-                r = r * p.device_mesh.size(i) + coord[i]
-        return r, _sharding.num_shards(p)
-
     def _shard_keys(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> dict:
         """``state`` of DTensor parameter ``p`` with per-shard keys and padded factors."""
-        r, w = self._shard_of(p)
+        r, w = _sharding.shard_index(p)
         state = dict(state)  # a new dict: the packed one is self.state[p]
         shape = matrix_shape(_sharding.local(p))
         q, u = state.get("factor_q"), state.get("factor_u")
@@ -834,27 +828,14 @@ class Adapprox(Optimizer):
         """``state_dict`` with the layout version at the top level (also when DCP dropped
         it), without the per-group copies, and with the per-shard keys of DTensor
         parameters mapped back; ``ValueError`` when saved for another sharding."""
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            return state_dict
-        if "adapprox_format" not in state_dict and groups:
-            versions = {g.get("adapprox_format") for g in groups}
-            if len(versions) == 1 and None not in versions:
-                state_dict = {**state_dict, "adapprox_format": versions.pop()}
-        if any("adapprox_format" in g for g in groups):
-            groups = [{k: v for k, v in g.items() if k != "adapprox_format"} for g in groups]
-            state_dict = {**state_dict, "param_groups": groups}
+        state_dict = lift_format_key(state_dict, "adapprox_format")
         state = state_dict.get("state")
-        if not isinstance(state, dict):
+        if not isinstance(state, dict) or not isinstance(state_dict.get("param_groups"), list):
             return state_dict
-        ids = {
-            pid: p
-            for group, saved in zip(self.param_groups, groups, strict=False)
-            for pid, p in zip(saved.get("params", []), group["params"], strict=False)
-        }
+        ids = params_by_saved_id(self.param_groups, state_dict["param_groups"])
         new_state, changed = {}, False
         for pid, saved in state.items():
-            p = ids.get(pid)
+            p = ids.get(pid, (None, None))[0]
             if p is None or not isinstance(saved, dict):
                 new_state[pid] = saved
                 continue
@@ -869,8 +850,8 @@ class Adapprox(Optimizer):
         return state_dict
 
     def _unshard_keys(self, p: torch.Tensor, saved: dict) -> dict:
-        where = self._describe(p)
-        mine = self._shard_of(p) if _sharding.is_dtensor(p) else None
+        where = LazyText(lambda: self._describe(p))
+        mine = _sharding.shard_index(p) if _sharding.is_dtensor(p) else None
         out = {}
         for key, value in saved.items():
             m = re.fullmatch(r"(.+)@shard(\d+)of(\d+)", key) if isinstance(key, str) else None
@@ -924,11 +905,9 @@ class Adapprox(Optimizer):
         first; on a mismatch a ``ValueError`` says what differs and the optimizer is left
         as it was.
         """
-        from microadam.optim.micro_adam import _check_is_state_dict, _check_state_dict_format
-
-        _check_is_state_dict(state_dict)
+        check_is_state_dict(state_dict)
         state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
-        _check_state_dict_format(
+        check_state_dict_format(
             self, state_dict, "adapprox_format", STATE_FORMAT_VERSION, "Adapprox"
         )
         saved_groups = state_dict["param_groups"]

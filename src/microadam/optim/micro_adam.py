@@ -34,7 +34,16 @@ from microadam.compress.quant import (
 from microadam.compress.topk import MAX_BLOCK_SIZE, TopKLayout, block_topk, topk_layout
 from microadam.compress.window import window_direction
 from microadam.optim import _sharding
-from microadam.optim._common import LazyText, describe_param, params_with_grad
+from microadam.optim._common import (
+    LazyText,
+    all_finite,
+    check_is_state_dict,
+    check_state_dict_format,
+    describe_param,
+    lift_format_key,
+    params_by_saved_id,
+    params_with_grad,
+)
 
 __all__ = [
     "DEFAULT_QUANT_BLOCK_SIZE",
@@ -662,11 +671,11 @@ class MicroAdam(Optimizer):
         ]
         sharded = [p for _, p in work if _sharding.is_dtensor(p)]
         for (_, p), (_, lg), use_fused in zip(work, shards, fused, strict=True):
-            if not use_fused and not _sharding.is_dtensor(p) and not _all_finite(lg):
+            if not use_fused and not _sharding.is_dtensor(p) and not all_finite(lg):
                 self._raise_non_finite(p)
         if sharded:
             # Every rank must take the same decision, or the ranks would drift apart.
-            finite = [_all_finite(_sharding.local(p.grad)) for p in sharded]
+            finite = [all_finite(_sharding.local(p.grad)) for p in sharded]
             finite = _sharding.all_ranks_agree(finite, sharded)
             if not all(finite):
                 self._raise_non_finite(sharded[finite.index(False)])
@@ -765,22 +774,13 @@ class MicroAdam(Optimizer):
 
     # DTensor parameters in checkpoints: kept apart from load_state_dict's own checks.
 
-    def _params_by_saved_id(self, sd: dict[str, Any]) -> dict[Any, tuple]:
-        """Saved id -> (parameter, its group's settings as saved in ``sd``)."""
-        ids = {}
-        for group, saved in zip(self.param_groups, sd["param_groups"], strict=False):
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            for pid, p in zip(saved.get("params", []), group["params"], strict=False):
-                ids[pid] = (p, merged)
-        return ids
-
     def _shard_state_for_checkpoint(self, sd: dict[str, Any]) -> None:
         """Replace, in ``sd`` (from ``Optimizer.state_dict``), the per-shard state tensors
         of DTensor parameters by DTensors sharded on dim 0 over the parameter's mesh."""
-        for pid, (p, group) in self._params_by_saved_id(sd).items():
+        for pid, (p, group) in params_by_saved_id(self.param_groups, sd["param_groups"]).items():
             if not _sharding.is_dtensor(p) or pid not in sd["state"]:
                 continue
-            where = self._describe(p)
+            where = LazyText(lambda p=p: self._describe(p))
             biggest = math.prod(_sharding.max_local_shape(p))
             max_shapes = {**self._expected_shapes(p, group, biggest), "rng_seed": ()}
             state = dict(sd["state"][pid])  # a new dict: the packed one is self.state[p]
@@ -794,24 +794,17 @@ class MicroAdam(Optimizer):
         ``torch.distributed.checkpoint.state_dict`` dropped it), without the per-group
         copies, and with the per-shard state of DTensor parameters back as this rank's
         plain tensors; ``ValueError`` when it was saved for another sharding."""
-        groups = state_dict.get("param_groups", [])
-        if "microadam_format" not in state_dict and groups:
-            versions = {g.get("microadam_format") for g in groups}
-            if len(versions) == 1:
-                state_dict = {**state_dict, "microadam_format": versions.pop()}
-        if any("microadam_format" in g for g in groups):
-            groups = [{k: v for k, v in g.items() if k != "microadam_format"} for g in groups]
-            state_dict = {**state_dict, "param_groups": groups}
+        state_dict = lift_format_key(state_dict, "microadam_format")
         if "state" not in state_dict:
             return state_dict
-        ids = self._params_by_saved_id(state_dict)
+        ids = params_by_saved_id(self.param_groups, state_dict["param_groups"])
         new_state = {}
         for pid, saved in state_dict["state"].items():
             p = ids.get(pid, (None, None))[0]
             if p is None or not isinstance(saved, dict):
                 new_state[pid] = saved
                 continue
-            where = self._describe(p)
+            where = LazyText(lambda p=p: self._describe(p))
             if not _sharding.is_dtensor(p):
                 for key, value in saved.items():
                     if _sharding.is_dtensor(value):
@@ -852,9 +845,9 @@ class MicroAdam(Optimizer):
         parameters first; on a mismatch a ``ValueError`` names the parameter and what
         differs, and the optimizer is left as it was.
         """
-        _check_is_state_dict(state_dict)
+        check_is_state_dict(state_dict)
         state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
-        _check_state_dict_format(
+        check_state_dict_format(
             self, state_dict, "microadam_format", STATE_FORMAT_VERSION, "MicroAdam"
         )
         saved_groups = state_dict["param_groups"]
@@ -897,89 +890,7 @@ class MicroAdam(Optimizer):
                     self.state[p][key] = value.detach().to(device=device, copy=True)
 
 
-# Keys that mark the state dicts of this package's optimizers, and whose they are.
-_FORMAT_KEYS = {"microadam_format": "MicroAdam", "adapprox_format": "Adapprox"}
-
-
-def _check_is_state_dict(state_dict: Any) -> None:
-    """Raise ``ValueError`` unless ``state_dict`` has the two entries of an optimizer's."""
-    if (
-        not isinstance(state_dict, dict)
-        or not isinstance(state_dict.get("param_groups"), list)
-        or not isinstance(state_dict.get("state"), dict)
-    ):
-        got = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict)
-        raise ValueError(
-            "Invalid state_dict: expected an optimizer state dict with 'state' and "
-            f"'param_groups', got {got.__name__ if isinstance(got, type) else got}"
-        )
-
-
-def _check_state_dict_format(
-    opt: Optimizer, state_dict: Any, format_key: str, version: int, name: str
-) -> None:
-    """Raise ``ValueError`` unless ``state_dict`` is a ``name`` state dict of ``version``.
-
-    Shared by the ``load_state_dict`` of MicroAdam and Adapprox. A dict without
-    ``format_key`` is another optimizer's: the message says whose when it can tell (one of
-    :data:`_FORMAT_KEYS`), else names the first parameter whose saved state has foreign
-    keys and the hyperparameters ``name`` does not have, e.g. AdamW's ``amsgrad``.
-    """
-    _check_is_state_dict(state_dict)
-    groups = [g for g in state_dict["param_groups"] if isinstance(g, dict)]
-    saved = state_dict.get(format_key)
-    if saved == version:
-        return
-    if saved is not None:
-        raise ValueError(
-            f"Invalid state_dict: {format_key} is {saved!r}, but this version of microadam "
-            f"reads {name} state dicts of format {version} only (was it saved by a "
-            "different version of microadam?)"
-        )
-
-    def a(word: str) -> str:
-        return f"{'an' if word[0] in 'AEIOU' else 'a'} {word}"
-
-    for key, other in _FORMAT_KEYS.items():
-        if key != format_key and (key in state_dict or any(key in g for g in groups)):
-            raise ValueError(
-                f"Invalid state_dict: it looks like {a(other)} state dict (it has {key!r}, "
-                f"no {format_key!r}), not {a(name)} one; load it into {other}"
-            )
-    details = []
-    state = state_dict["state"]
-    first = next(
-        (
-            (p, state[pid])
-            for group, g in zip(opt.param_groups, groups, strict=False)
-            for pid, p in zip(g.get("params", []), group["params"], strict=False)
-            if isinstance(state.get(pid), dict) and state[pid]
-        ),
-        None,
-    )
-    if first is not None:
-        details.append(f"the saved state of {opt._describe(first[0])} has keys {sorted(first[1])}")
-    unknown = sorted({k for g in groups for k in g} - set(opt.defaults) - {"params"})
-    if unknown:
-        details.append(f"its param groups have settings {name} does not know: {unknown}")
-    raise ValueError(
-        f"Invalid state_dict: it has no {format_key!r}, so it looks like another optimizer's "
-        f"state dict (such as torch.optim.AdamW's), not {a(name)} one"
-        + (f": {'; '.join(details)}" if details else "")
-        + f". Only state dicts saved by {name}.state_dict() can be loaded"
-    )
-
-
 def _plain_lr(group: dict[str, Any]) -> dict[str, Any]:
     """The group's hyperparameters with a tensor ``lr`` turned into a Python float."""
     lr = group["lr"]
     return {**group, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr}
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds no NaN or inf: its min and max propagate both, and computing them
-    is one read of ``t`` with no temporary of its size."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(torch.stack((lo, hi))).all())
