@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -101,7 +102,8 @@ struct Job {
 
 // Per-thread buffers, sized by the unit and the block: the step's whole scratch memory
 // (13 bytes per unit element plus 33 per block element: 184 KiB at the defaults, where
-// unit and block are both 4096 elements).
+// unit and block are both 4096 elements). Each thread keeps its own between steps (see
+// thread_scratch), so a step allocates nothing and the Top-K guess carries over.
 struct Scratch {
   std::vector<float> a;           // corrected gradient of the unit
   std::vector<uint8_t> code;      // unpacked codes of the unit (portable path; +2 padding)
@@ -119,23 +121,46 @@ struct Scratch {
   const void* guess_owner = nullptr;  // the tensor whose last block set the guess
   uint32_t guess = kNoGuess;          // candidate threshold for its next block
   float guess_factor = 0.8f;          // guess = last threshold * guess_factor
-  explicit Scratch(const Config& c)
-      : a(c.unit + 16),
-        code(c.unit + 2),
-        cand(c.unit + 16),
-        keys(c.unit + 16),
-        cand_at(c.unit / c.block + 2),
-        bcand(c.block + 16),
-        bkeys(c.block + 16),
+  int64_t unit, block, blocks_per_unit;  // the capacity
+  Scratch(int64_t unit_, int64_t block_, int64_t blocks_per_unit_)
+      : a(unit_ + 16),
+        code(unit_ + 2),
+        cand(unit_ + 16),
+        keys(unit_ + 16),
+        cand_at(blocks_per_unit_ + 2),
+        bcand(block_ + 16),
+        bkeys(block_ + 16),
         sample(256),
-        sel(c.block),
-        m1(c.block, 0.0f),
-        m2(c.block, 0.0f),
-        mark(c.block, 0),
-        listed(c.block),
-        um1(c.block),
-        um2(c.block) {}
+        sel(block_),
+        m1(block_, 0.0f),
+        m2(block_, 0.0f),
+        mark(block_, 0),
+        listed(block_),
+        um1(block_),
+        um2(block_),
+        unit(unit_),
+        block(block_),
+        blocks_per_unit(blocks_per_unit_) {}
+  bool fits(const Config& c) const {
+    return c.unit <= unit && c.block <= block && c.unit / c.block <= blocks_per_unit;
+  }
 };
+
+// This thread's scratch (threads of torch's pool live as long as the process), grown when
+// a step needs more; drop_thread_scratch() forgets it after a failure.
+thread_local std::unique_ptr<Scratch> tls_scratch;
+
+Scratch& thread_scratch(const Config& c) {
+  if (!tls_scratch || !tls_scratch->fits(c)) {
+    const Scratch* old = tls_scratch.get();
+    tls_scratch = std::make_unique<Scratch>(
+        std::max(c.unit, old ? old->unit : 0), std::max(c.block, old ? old->block : 0),
+        std::max(c.unit / c.block, old ? old->blocks_per_unit : 0));
+  }
+  return *tls_scratch;
+}
+
+void drop_thread_scratch() { tls_scratch.reset(); }
 
 template <typename T>
 inline float to_float(T x) {
@@ -200,9 +225,19 @@ inline int64_t count_at_least(const uint32_t* __restrict keys, int64_t n, uint32
 // the k-th largest key, unless the search stops early because exactly k keys are >= t
 // (the kept set is then decided). Sets *count to count(keys >= t). Needs 1 <= k <= n.
 uint32_t kth_threshold(const uint32_t* keys, int64_t n, int64_t k, int64_t* count) {
-  uint32_t t = 0;
+  uint32_t lo = keys[0], hi = keys[0];
+  for (int64_t i = 1; i < n; ++i) {  // vectorized by the compiler
+    lo = std::min(lo, keys[i]);
+    hi = std::max(hi, keys[i]);
+  }
+  *count = n;
+  if (lo == hi || n == k) return lo;
+  // Every key shares the bits above the highest one where lo and hi differ: t starts as
+  // that prefix (count n) and the search goes on below it.
+  const int top = 31 - __builtin_clz(lo ^ hi);
+  uint32_t t = hi & ~((2u << top) - 1u);
   int64_t c = n;
-  for (int bit = 30; bit >= 0 && c != k; --bit) {
+  for (int bit = top; bit >= 0 && c != k; --bit) {
     const uint32_t trial = t | (1u << bit);
     const int64_t ct = count_at_least(keys, n, trial);
     if (ct >= k) {
@@ -266,29 +301,44 @@ int64_t collect_at_least(const float* x, int64_t n, uint32_t t, int32_t* idx, ui
 // Whether nc candidates can be selected from directly: at least k, and few enough that
 // thresholding them beats another scan of the block's n elements.
 inline bool usable(int64_t nc, int64_t k, int64_t n) {
-  return nc >= k && nc <= std::max<int64_t>(n / 4, 8 * k);
+  return nc >= k && nc <= std::max<int64_t>(n / 4, 16 * k);
 }
 
-// The next block's candidate threshold: the one just found, times a factor steered so
-// that 3k to 6k candidates come out (fewer make a retry likely, more cost time).
-inline void update_guess(Scratch& s, const void* owner, uint32_t t, int64_t nc, int64_t k) {
-  if (nc > 6 * k) {
-    s.guess_factor += 0.5f * (1.0f - s.guess_factor);
-  } else if (nc < 3 * k) {
+// Steers the factor between the last threshold found and the next guess so that 2k to
+// 10k candidates come out at the guess (nc is how many did). Too few cost a second scan
+// of the block, too many only longer scans of the candidates, and the k-th largest |a|
+// varies by several percent from block to block (near a flat top after many steps of
+// error feedback on a steady gradient, 2k candidates can lie within 1% of the
+// threshold), so the guess errs low.
+inline void steer_guess(Scratch& s, int64_t nc, int64_t k) {
+  if (nc > 10 * k) {
+    s.guess_factor += 0.3f * (1.0f - s.guess_factor);
+  } else if (nc < 2 * k) {
     s.guess_factor = std::max(0.25f, 1.0f - 1.5f * (1.0f - s.guess_factor));
   }
+}
+
+// The next block's guess after threshold t was found for a block of owner's.
+inline void update_guess(Scratch& s, const void* owner, uint32_t t) {
   s.guess_owner = owner;
   s.guess = bits_of(float_of(t) * s.guess_factor);
 }
 
+// The threshold to try after the candidates at or above t were too few: a little lower
+// (too many make a fresh estimate from samples the better next step: kNoGuess).
+inline uint32_t retry_threshold(uint32_t t, int64_t nc, int64_t k) {
+  return nc < k ? bits_of(float_of(t) * 0.9f) : kNoGuess;
+}
+
 // Block Top-K without usable precomputed candidates: the indices of the k largest |x|
-// among x[0..n), ascending. Candidates are the elements at or above a threshold: this
-// thread's guess for the tensor if it has one (and the caller did not just try it), else
-// the r-th largest of 256 strided samples (about 2k + 2n/256 candidates expected), else
-// (k a large part of the block, or too few came out) the whole block. Gradient statistics
-// change slowly along a tensor, so the threshold found guides the next block's guess.
+// among x[0..n), ascending. Candidates are the elements at or above a threshold: first
+// `first` (the caller's retry after precomputed candidates failed, or this thread's guess
+// for the tensor, then is_guess; kNoGuess for none), else the r-th largest of 256 strided samples (about
+// 2k + 2n/256 candidates expected), else (k a large part of the block, or too few came
+// out) the whole block. Gradient statistics change slowly along a tensor and from step to
+// step, so the threshold found guides the next block's guess.
 void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* owner,
-                 bool guess_tried, int32_t* out) {
+                 uint32_t first, bool is_guess, int32_t* out) {
   if (k >= n) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
     return;
@@ -297,8 +347,9 @@ void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* o
   uint32_t* keys = s.bkeys.data();
   int64_t nc = -1;
   if (k * 16 <= n && n >= 1024) {
-    if (!guess_tried && s.guess_owner == owner && s.guess != kNoGuess) {
-      nc = collect_at_least(x, n, s.guess, idx, keys);
+    if (first != kNoGuess) {
+      nc = collect_at_least(x, n, first, idx, keys);
+      if (is_guess) steer_guess(s, nc, k);
       if (!usable(nc, k, n)) nc = -1;
     }
     if (nc < 0) {
@@ -319,8 +370,7 @@ void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* o
       keys[i] = key_of(x, i);
     }
   }
-  const uint32_t t = take_top(idx, keys, nc, k, 0, out);
-  update_guess(s, owner, t, nc, k);
+  update_guess(s, owner, take_top(idx, keys, nc, k, 0, out));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -598,12 +648,13 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
   const int64_t first_block = start / cfg.block;
 
   // Alg. 1 line 4: a = g + Q^-1(e) (with maximize, g negated first).
+  // Candidates are collected on the way at this thread's guess for the tensor, if any.
+  const uint32_t guess = s.guess_owner == job.p ? s.guess : kNoGuess;
   bool have_candidates = false;
 #if MICROADAM_AVX512
   if (cfg.fast) {
-    const bool guess = s.guess_owner == job.p && s.guess != kNoGuess;
-    load_unit(g, p, start, n, cfg, job, levels, guess ? s.guess : kNoGuess, s);
-    have_candidates = guess;
+    load_unit(g, p, start, n, cfg, job, levels, guess, s);
+    have_candidates = guess != kNoGuess;
   }
 #endif
   if (!cfg.fast) {
@@ -659,16 +710,18 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
     const int64_t col0 = blk * job.k_block;
     const int64_t c0 = have_candidates ? s.cand_at[b] : 0;
     const int64_t nc = have_candidates ? s.cand_at[b + 1] - c0 : 0;
+    if (have_candidates && k < bn) steer_guess(s, nc, k);
     if (have_candidates && k < bn && usable(nc, k, bn)) {
       // load_unit recorded the candidates' indices; their keys come from a.
       uint32_t* keys = s.keys.data() + c0;
       const int32_t* idx = s.cand.data() + c0;
       for (int64_t c = 0; c < nc; ++c) keys[c] = key_of(a, idx[c]);
-      const uint32_t t = take_top(s.cand.data() + c0, keys, nc, k,
-                                  static_cast<int32_t>(bs), sel);
-      update_guess(s, job.p, t, nc, k);
+      update_guess(s, job.p, take_top(idx, keys, nc, k, static_cast<int32_t>(bs), sel));
+    } else if (have_candidates) {  // they failed, which says how to move the threshold
+      select_topk(a + bs, bn, k, s, job.p, retry_threshold(guess, nc, k), false, sel);
     } else {
-      select_topk(a + bs, bn, k, s, job.p, have_candidates, sel);
+      const bool known = s.guess_owner == job.p;
+      select_topk(a + bs, bn, k, s, job.p, known ? s.guess : kNoGuess, known, sel);
     }
     for (int64_t c = 0; c < k; ++c) {
       widx_row[col0 + c] = static_cast<int16_t>(sel[c]);
@@ -1033,7 +1086,7 @@ void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
   std::atomic_flag error_taken = ATOMIC_FLAG_INIT;
   two_phases(std::max(total, finite_check.chunks()), check, proceed, [&]() {
    try {  // an exception must not leave an OpenMP region; it is rethrown below
-    Scratch s(cfg);
+    Scratch& s = thread_scratch(cfg);
     int64_t j = 0;  // work ids only grow, so the owning parameter only moves forward
     for (;;) {
       const int64_t w0 = next.fetch_add(run, std::memory_order_relaxed);
@@ -1044,6 +1097,7 @@ void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
       }
     }
    } catch (...) {
+    drop_thread_scratch();  // it may be left in an unknown state
     if (!error_taken.test_and_set()) error = std::current_exception();
    }
   });
