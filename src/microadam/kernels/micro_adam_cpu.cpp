@@ -54,23 +54,6 @@
 namespace microadam_cpu {
 namespace {
 
-// Columns of meta_int, one row per parameter (built by micro_adam_multi_step_).
-enum MetaInt : int64_t {
-  kNumel = 0,
-  kNumFull,  // full Top-K blocks
-  kKBlock,   // kept per full block
-  kTail,     // elements of the short last block (0 if none)
-  kKTail,    // kept by it
-  kWidth,    // k, the number of window columns
-  kRow,      // window row written at this step, (t - 1) mod m
-  kRows,     // rows written so far, min(t, m)
-  kNoiseKey,  // noise_key(seed, t) of stochastic rounding
-  kMetaIntSize
-};
-// meta_float row: the two bias factors (1 - beta) / (1 - beta^t), then beta1^age of each
-// storage row (m entries), then beta2^age (m entries), all in double as window_direction
-// computes them.
-
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 constexpr uint32_t kNoGuess = 0xffffffffu;  // above every key: "no candidate threshold"
@@ -193,6 +176,14 @@ inline uint32_t mix32(uint32_t x) {
   x ^= x >> 15;
   x *= 0x846ca68bu;
   return x ^ (x >> 16);
+}
+
+// noise_key(seed, t) of compress/quant.py: the key of step t of a stream, exact on Python's
+// integers because every operation keeps only the low 32 bits.
+inline uint32_t noise_key(int64_t seed, int64_t t) {
+  const uint64_t high = static_cast<uint64_t>(seed >> 32);  // Python's >> floors as well
+  const uint32_t stream = mix32(static_cast<uint32_t>(high + static_cast<uint64_t>(t) * 0x9E3779B9u));
+  return mix32(static_cast<uint32_t>(seed) ^ stream);
 }
 
 // uniform_noise(seed, t, i) of compress/quant.py, from key = noise_key(seed, t).
@@ -887,7 +878,12 @@ class FiniteCheck {
   }
   int64_t chunks() const { return first_.back(); }
   bool all_finite() const { return !any_bad_.load(); }
-  uint8_t finite(size_t j) const { return bad_[j].load() ? 0 : 1; }
+  int64_t first_bad() const {  // -1 if none
+    for (size_t j = 0; j < bad_.size(); ++j) {
+      if (bad_[j].load()) return static_cast<int64_t>(j);
+    }
+    return -1;
+  }
 
   void work() {
     size_t j = 0;
@@ -955,49 +951,53 @@ void two_phases(int64_t work_items, const F1& first, const P& proceed, const F2&
 #endif
 }
 
-void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList window_indices,
-                     at::TensorList window_values, at::TensorList ef_codes,
-                     at::TensorList ef_min, at::TensorList ef_max, const at::Tensor& meta_int,
-                     const at::Tensor& meta_float, double lr, double weight_decay_mult,
-                     double eps, int64_t window_size, int64_t topk_block_size,
-                     int64_t quant_block_size, int64_t unit, int64_t quant_bits,
-                     bool error_feedback, bool stochastic, bool maximize,
-                     at::TensorList check_grads, const at::Tensor& finite) {
+// A 0-d (or one-element) CPU tensor of dtype, for the per-parameter step and seed.
+template <typename T>
+T scalar_of(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.numel() == 1,
+              "microadam fused CPU step: ", what, " must be a one-element ", dtype,
+              " tensor on the CPU, got ", t.scalar_type(), " with ", t.numel(),
+              " elements on ", t.device());
+  return *t.data_ptr<T>();
+}
+
+// One MicroAdam step of several parameters of one param group (see micro_adam_cpu.py).
+// Per parameter: steps[j] (float32, incremented here), seeds[j] (int64, stochastic
+// rounding only), the window (m rows of k columns) and the error-feedback buffers. The
+// step's per-parameter numbers (t, the window row, the ages' decay factors, the bias
+// corrections, the noise key) are computed here, in double as the PyTorch path computes
+// them. Returns the position in check_grads of the first gradient that is not all
+// finite (nothing was changed then), else -1.
+int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList steps,
+                        at::TensorList seeds, at::TensorList window_indices,
+                        at::TensorList window_values, at::TensorList ef_codes,
+                        at::TensorList ef_min, at::TensorList ef_max, double lr, double beta1,
+                        double beta2, double eps, double weight_decay, int64_t k_block,
+                        int64_t window_size, int64_t topk_block_size, int64_t quant_block_size,
+                        int64_t unit, int64_t quant_bits, bool error_feedback, bool stochastic,
+                        bool maximize, at::TensorList check_grads) {
   const int64_t count = static_cast<int64_t>(params.size());
-  TORCH_CHECK(finite.scalar_type() == at::kByte && finite.is_contiguous() &&
-                  finite.numel() == static_cast<int64_t>(check_grads.size()),
-              "microadam fused CPU step: finite must be a contiguous uint8 tensor, one entry "
-              "per gradient to check");
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == count &&
-                  static_cast<int64_t>(window_indices.size()) == count &&
-                  static_cast<int64_t>(window_values.size()) == count,
+  const auto listed = [count](at::TensorList l) { return static_cast<int64_t>(l.size()) == count; };
+  TORCH_CHECK(listed(grads) && listed(steps) && listed(window_indices) && listed(window_values),
               "microadam fused CPU step: list lengths differ");
-  if (error_feedback) {
-    TORCH_CHECK(static_cast<int64_t>(ef_codes.size()) == count &&
-                    static_cast<int64_t>(ef_min.size()) == count &&
-                    static_cast<int64_t>(ef_max.size()) == count,
-                "microadam fused CPU step: error-feedback list lengths differ");
-  }
+  TORCH_CHECK(!stochastic || listed(seeds), "microadam fused CPU step: one seed per parameter");
+  TORCH_CHECK(!error_feedback || (listed(ef_codes) && listed(ef_min) && listed(ef_max)),
+              "microadam fused CPU step: error-feedback list lengths differ");
   TORCH_CHECK(quant_bits == 4 || quant_bits == 8, "microadam fused CPU step: bad quant_bits");
   TORCH_CHECK(topk_block_size >= 1 && topk_block_size <= 32768 && quant_block_size >= 1 &&
                   unit >= 1 && unit % topk_block_size == 0 &&
                   (!error_feedback ||
                    (unit % quant_block_size == 0 && (quant_bits == 8 || unit % 2 == 0))),
               "microadam fused CPU step: bad block sizes");
+  TORCH_CHECK(k_block >= 1 && k_block <= topk_block_size, "microadam fused CPU step: bad k_block");
   const int64_t m = window_size;
-  TORCH_CHECK(meta_int.scalar_type() == at::kLong && meta_int.is_contiguous() &&
-                  meta_int.dim() == 2 && meta_int.size(0) == count &&
-                  meta_int.size(1) == kMetaIntSize,
-              "microadam fused CPU step: bad meta_int");
-  TORCH_CHECK(meta_float.scalar_type() == at::kDouble && meta_float.is_contiguous() &&
-                  meta_float.dim() == 2 && meta_float.size(0) == count &&
-                  meta_float.size(1) == 2 + 2 * m,
-              "microadam fused CPU step: bad meta_float");
+  TORCH_CHECK(m >= 1, "microadam fused CPU step: bad window_size");
 
   Config cfg;
   cfg.neg_lr = static_cast<float>(-lr);
-  cfg.wd_mult = static_cast<float>(weight_decay_mult);
-  cfg.has_wd = weight_decay_mult != 1.0;
+  const double wd_mult = weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0;
+  cfg.wd_mult = static_cast<float>(wd_mult);
+  cfg.has_wd = wd_mult != 1.0;
   cfg.eps = static_cast<float>(eps);
   cfg.m = m;
   cfg.block = topk_block_size;
@@ -1012,27 +1012,30 @@ void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
 
   std::vector<Job> jobs(count);
   std::vector<int64_t> first_unit(count + 1, 0);
-  const int64_t* mi = meta_int.data_ptr<int64_t>();
-  const double* mf = meta_float.data_ptr<double>();
   for (int64_t j = 0; j < count; ++j) {
-    const int64_t* row = mi + j * kMetaIntSize;
-    const double* frow = mf + j * (2 + 2 * m);
     Job& job = jobs[j];
     const at::Tensor& p = params[j];
-    job.numel = row[kNumel];
-    job.num_full = row[kNumFull];
-    job.k_block = row[kKBlock];
-    job.tail = row[kTail];
-    job.k_tail = row[kKTail];
-    job.width = row[kWidth];
-    job.row = row[kRow];
-    job.rows = row[kRows];
-    job.key = static_cast<uint32_t>(row[kNoiseKey]);
-    TORCH_CHECK(job.numel == p.numel() && job.rows >= 1 && job.rows <= m && job.row >= 0 &&
-                    job.row < m && job.num_full * job.k_block + job.k_tail == job.width &&
-                    job.num_full * topk_block_size + job.tail == job.numel &&
-                    job.k_block <= topk_block_size && job.k_tail <= job.tail,
-                "microadam fused CPU step: inconsistent metadata for parameter ", j);
+    const float step = scalar_of<float>(steps[j], at::kFloat, "a step");
+    TORCH_CHECK(step >= 0.0f && step < 16777216.0f && step == std::floor(step),
+                "microadam fused CPU step: bad step ", step);
+    const int64_t t = static_cast<int64_t>(step) + 1;
+    job.numel = p.numel();
+    job.num_full = job.numel / topk_block_size;
+    job.tail = job.numel % topk_block_size;
+    job.k_block = job.num_full > 0 ? k_block : 0;
+    // The window's width gives k of the short last block (its shape was checked against
+    // the layout when the state was made or loaded).
+    TORCH_CHECK(window_indices[j].dim() == 2 && window_indices[j].size(0) == m,
+                "microadam fused CPU step: window_indices of parameter ", j,
+                " is not (window_size, k)");
+    job.width = window_indices[j].size(1);
+    job.k_tail = job.width - job.num_full * job.k_block;
+    TORCH_CHECK(job.k_tail >= 0 && job.k_tail <= job.tail && (job.tail == 0 || job.k_tail >= 1),
+                "microadam fused CPU step: the window of parameter ", j, " has ", job.width,
+                " columns, which does not fit its ", job.numel, " elements");
+    job.row = (t - 1) % m;
+    job.rows = std::min(t, m);
+    job.key = stochastic ? noise_key(scalar_of<int64_t>(seeds[j], at::kLong, "a seed"), t) : 0;
     job.pdt = dtype_code(p, "a parameter");
     check(p, p.scalar_type(), job.numel, "a parameter");
     check(grads[j], p.scalar_type(), job.numel, "a gradient");
@@ -1055,13 +1058,15 @@ void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
       job.emin = ef_min[j].data_ptr<c10::BFloat16>();
       job.emax = ef_max[j].data_ptr<c10::BFloat16>();
     }
-    job.c1 = static_cast<float>(frow[0]);
-    job.c2 = static_cast<float>(frow[1]);
-    job.decay1.resize(m);
-    job.decay2.resize(m);
-    for (int64_t r = 0; r < m; ++r) {
-      job.decay1[r] = static_cast<float>(frow[2 + r]);
-      job.decay2[r] = static_cast<float>(frow[2 + m + r]);
+    // As window_direction: the bias factors and beta ** age in double, then float.
+    job.c1 = static_cast<float>((1.0 - beta1) / (1.0 - std::pow(beta1, static_cast<double>(t))));
+    job.c2 = static_cast<float>((1.0 - beta2) / (1.0 - std::pow(beta2, static_cast<double>(t))));
+    job.decay1.resize(job.rows);
+    job.decay2.resize(job.rows);
+    for (int64_t r = 0; r < job.rows; ++r) {
+      const double age = static_cast<double>(((t - 1 - r) % m + m) % m);
+      job.decay1[r] = static_cast<float>(std::pow(beta1, age));
+      job.decay2[r] = static_cast<float>(std::pow(beta2, age));
     }
     first_unit[j + 1] = first_unit[j] + (job.numel + unit - 1) / unit;
   }
@@ -1103,9 +1108,7 @@ void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
   });
 
   if (error) std::rethrow_exception(error);
-  uint8_t* finite_out = finite.data_ptr<uint8_t>();
-  for (size_t j = 0; j < check_grads.size(); ++j) finite_out[j] = finite_check.finite(j);
-  if (!finite_check.all_finite()) return;
+  if (!finite_check.all_finite()) return finite_check.first_bad();
   for (int64_t j = 0; j < count; ++j) {
     params[j].unsafeGetTensorImpl()->bump_version();
     window_indices[j].unsafeGetTensorImpl()->bump_version();
@@ -1119,18 +1122,24 @@ void micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList
   TORCH_CHECK(!bad_index.load(),
               "microadam fused CPU step: a window index lies outside its Top-K block "
               "(corrupted optimizer state?)");
+  for (int64_t j = 0; j < count; ++j) {
+    float* step = steps[j].data_ptr<float>();
+    *step = *step + 1.0f;  // as torch._foreach_add_(steps, 1.0)
+    steps[j].unsafeGetTensorImpl()->bump_version();
+  }
+  return -1;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(microadam_cpu, m) {
   m.def(
-      "micro_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] window_indices, "
-      "Tensor(c!)[] window_values, Tensor(d!)[] ef_codes, Tensor(e!)[] ef_min, "
-      "Tensor(f!)[] ef_max, Tensor meta_int, Tensor meta_float, float lr, "
-      "float weight_decay_mult, float eps, int window_size, int topk_block_size, "
-      "int quant_block_size, int unit, int quant_bits, bool error_feedback, bool stochastic, "
-      "bool maximize, Tensor[] check_grads, Tensor(g!) finite) -> ()");
+      "micro_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, "
+      "Tensor[] seeds, Tensor(c!)[] window_indices, Tensor(d!)[] window_values, "
+      "Tensor(e!)[] ef_codes, Tensor(f!)[] ef_min, Tensor(g!)[] ef_max, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, int k_block, "
+      "int window_size, int topk_block_size, int quant_block_size, int unit, int quant_bits, "
+      "bool error_feedback, bool stochastic, bool maximize, Tensor[] check_grads) -> int");
   m.impl("micro_adam_step_", c10::DispatchKey::CPU, &micro_adam_step);
 }
 

@@ -39,9 +39,7 @@ from typing import Any
 
 import torch
 
-from microadam.compress.quant import noise_key
-from microadam.compress.topk import topk_layout
-from microadam.compress.window import window_ages
+from microadam.compress.topk import kept_per_block
 
 __all__ = [
     "DISABLE_ENV",
@@ -65,9 +63,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # are left to the pure path.
 TARGET_UNIT = 4096
 MAX_UNIT = 1 << 20
-
-# Columns of the kernel's integer metadata per parameter (MetaInt in the C++ file).
-_META_INT_COLUMNS = 9
 
 _lock = threading.Lock()
 _ops: Any = None
@@ -274,81 +269,56 @@ def micro_adam_multi_step_(
     maximize: bool,
     check_grads: Sequence[torch.Tensor] = (),
     **_unused: Any,
-) -> list[bool]:
+) -> int | None:
     """One MicroAdam step of several parameters of one param group, in one kernel call.
 
     Same contract as :func:`microadam.optim.micro_adam.micro_adam_step_` for each
-    parameter (states already initialised, ``grads`` only read). The caller checks
-    :func:`unsupported_reason` and :func:`unavailable_reason` first.
+    parameter (states already initialised and checked, ``grads`` only read). The caller
+    checks :func:`unsupported_reason` and :func:`unavailable_reason` first. The kernel
+    computes the step's numbers (t, the ages' decay factors, the bias corrections, the
+    noise key) from each state's ``step`` and ``rng_seed`` and increments ``step``.
 
     ``check_grads`` (supported dtypes, on the CPU) are checked for NaN and inf in the same
-    parallel region, before anything else: if any is not all finite, nothing is updated.
-    Returns whether each of them is all finite.
+    parallel region, before anything else: if any is not all finite, nothing is updated
+    and its position in ``check_grads`` is returned; otherwise None.
     """
     if not params and not check_grads:
-        return []
+        return None
     if _ops is None:
         raise RuntimeError(f"the fused CPU step is not loaded ({unavailable_reason()})")
-    beta1, beta2 = betas
-    m = window_size
-    stochastic = rounding == "stochastic"
-    meta_int, meta_float = [], []
-    targets, flat_grads = [], []
-    for p, g, st in zip(params, grads, states, strict=True):
-        d = p.numel()
-        layout = topk_layout(d, topk_block_size, density)
-        t = int(st["step"].item()) + 1
-        ages = window_ages(t, m)
-        key = noise_key(int(st["rng_seed"].item()), t) if stochastic else 0
-        # One row of the kernel's MetaInt layout (see the C++ file).
-        row = (d, layout.num_full, layout.k_block, layout.tail, layout.k_tail, layout.k)
-        meta_int.append([*row, (t - 1) % m, len(ages), key])
-        pad = [0.0] * (m - len(ages))
-        # The same doubles as window_direction: the bias factors and beta ** age.
-        meta_float.append([
-            (1.0 - beta1) / (1.0 - beta1**t),
-            (1.0 - beta2) / (1.0 - beta2**t),
-            *(beta1**a for a in ages), *pad,
-            *(beta2**a for a in ages), *pad,
-        ])  # fmt: skip
-        targets.append(p if p.is_contiguous() else p.contiguous())
-        flat_grads.append(g if g.is_contiguous() else g.contiguous())
-    empty: list[torch.Tensor] = []
-    check = [g.detach() if g.is_contiguous() else g.detach().contiguous() for g in check_grads]
-    finite = torch.empty(len(check), dtype=torch.uint8)
-    _ops.micro_adam_step_(
-        [t.detach() for t in targets],
-        [g.detach() for g in flat_grads],
+    targets = [p if p.is_contiguous() else p.contiguous() for p in params]
+    none: list[torch.Tensor] = []
+    bad = _ops.micro_adam_step_(
+        [p.detach() for p in targets],
+        [g.detach() if g.is_contiguous() else g.detach().contiguous() for g in grads],
+        [st["step"] for st in states],
+        [st["rng_seed"] for st in states] if rounding == "stochastic" else none,
         [st["window_indices"] for st in states],
         [st["window_values"] for st in states],
-        [st["ef_codes"] for st in states] if error_feedback else empty,
-        [st["ef_min"] for st in states] if error_feedback else empty,
-        [st["ef_max"] for st in states] if error_feedback else empty,
-        torch.tensor(meta_int, dtype=torch.int64).reshape(len(params), _META_INT_COLUMNS),
-        torch.tensor(meta_float, dtype=torch.float64).reshape(len(params), 2 + 2 * m),
+        [st["ef_codes"] for st in states] if error_feedback else none,
+        [st["ef_min"] for st in states] if error_feedback else none,
+        [st["ef_max"] for st in states] if error_feedback else none,
         float(lr),
-        1.0 - lr * weight_decay if weight_decay != 0 else 1.0,
+        *(float(b) for b in betas),
         float(eps),
-        m,
+        float(weight_decay),
+        kept_per_block(topk_block_size, density),
+        window_size,
         topk_block_size,
         quant_block_size,
         work_unit(topk_block_size, quant_block_size, quant_bits, error_feedback),
         quant_bits,
         error_feedback,
-        stochastic,
+        rounding == "stochastic",
         maximize,
-        check,
-        finite,
+        [g.detach() if g.is_contiguous() else g.detach().contiguous() for g in check_grads],
     )
-    flags = [bool(f) for f in finite.tolist()]
-    if not all(flags):
-        return flags
+    if bad >= 0:
+        return bad
     for p, target in zip(params, targets, strict=True):
         if target is not p:
             p.copy_(target)
-    if states:
-        torch._foreach_add_([st["step"] for st in states], 1.0)
-    return flags
+    return None
 
 
 def micro_adam_step_(param: torch.Tensor, grad: torch.Tensor, state: dict, **group: Any) -> None:

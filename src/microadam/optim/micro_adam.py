@@ -697,17 +697,17 @@ class MicroAdam(Optimizer):
             ]
             for group, items in batches.values():
                 hyper = {k: v for k, v in _plain_lr(group).items() if k != "params"}
-                finite = micro_adam_multi_step_(
+                bad = micro_adam_multi_step_(
                     [lp for lp, _, _ in items],
                     [lg for _, lg, _ in items],
                     [state for _, _, state in items],
                     check_grads=[lg for _, lg in to_check],
                     **hyper,
                 )
-                if not all(finite):
+                if bad is not None:
                     for p in fresh:  # states made for this step only: forget them again
                         del self.state[p]
-                    self._raise_non_finite(to_check[finite.index(False)][0])
+                    self._raise_non_finite(to_check[bad][0])
                 to_check = []
         for (group, _), state, use_fused, (lp, lg) in zip(work, states, fused, shards, strict=True):
             if not use_fused:
