@@ -97,7 +97,8 @@ struct Scratch {
   std::vector<uint32_t> bkeys;    // ...and their keys (+16 slack)
   std::vector<uint32_t> sample;   // strided sample of keys
   std::vector<int32_t> sel;       // kept indices of one block
-  std::vector<float> m1, m2;      // moment accumulators of one block, zero between uses
+  std::vector<float> m;           // moment accumulators of one block, pairs (M, S) per
+                                  // coordinate (one cache line for both), zero between uses
   std::vector<uint8_t> mark;      // whether a block coordinate is listed, zero between uses
   std::vector<int32_t> listed;    // distinct window coordinates of one block
   std::vector<float> um1, um2;    // their moments, then u and new values
@@ -115,8 +116,7 @@ struct Scratch {
         bkeys(block_ + 16),
         sample(256),
         sel(block_),
-        m1(block_, 0.0f),
-        m2(block_, 0.0f),
+        m(2 * block_, 0.0f),
         mark(block_, 0),
         listed(block_),
         um1(block_),
@@ -587,23 +587,23 @@ void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float level
 #endif  // MICROADAM_AVX512
 
 // ---------------------------------------------------------------------------------------
-// Alg. 1 lines 10-12 on one block, after the moments were accumulated into m1 and m2 at
-// the c distinct window coordinates listed in at[] (every other entry of m1, m2 and mark
+// Alg. 1 lines 10-12 on one block, after the moments were accumulated into the pairs m at
+// the c distinct window coordinates listed in at[] (every other entry of m and mark
 // is zero, and the listed ones are zeroed here for the next block): u for the listed
 // coordinates, then p = fma(u, -lr, p * (1 - lr wd)). A coordinate in no window row gets
 // u = 0, so without weight decay only the listed parameters are touched.
 template <typename P, bool kDecay>
-void update_block(P* p, float* __restrict m1, float* __restrict m2, uint8_t* __restrict mark,
+void update_block(P* p, float* __restrict m, uint8_t* __restrict mark,
                   const int32_t* __restrict at, int64_t c, int64_t n, float c1, float c2,
                   float eps, float neg_lr, float wd_mult, Scratch& s) {
   float* __restrict u1 = s.um1.data();
   float* __restrict u2 = s.um2.data();
   for (int64_t j = 0; j < c; ++j) {
     const int32_t i = at[j];
-    u1[j] = m1[i];
-    u2[j] = m2[i];
-    m1[i] = 0.0f;
-    m2[i] = 0.0f;
+    u1[j] = m[2 * i];
+    u2[j] = m[2 * i + 1];
+    m[2 * i] = 0.0f;
+    m[2 * i + 1] = 0.0f;
     mark[i] = 0;
   }
   for (int64_t j = 0; j < c; ++j) {  // vectorized by the compiler
@@ -772,8 +772,7 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
 
   // Alg. 1 lines 9-12: the moments, accumulated at the window's coordinates of each block
   // (rows in storage order, as index_add_ does), then the update.
-  float* m1 = s.m1.data();
-  float* m2 = s.m2.data();
+  float* m = s.m.data();
   uint8_t* mark = s.mark.data();
   int32_t* at = s.listed.data();
   for (int64_t bs = 0; bs < n; bs += cfg.block) {
@@ -796,18 +795,18 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
         const float f = v * d1;
         const float sq = v * v;
         const float f2 = sq * d2;
-        m1[i] = m1[i] + f;
-        m2[i] = m2[i] + f2;
+        m[2 * i] = m[2 * i] + f;
+        m[2 * i + 1] = m[2 * i + 1] + f2;
         at[listed] = static_cast<int32_t>(i);  // listed once: mark is 0 before the first visit
         listed += mark[i] ^ 1;
         mark[i] = 1;
       }
     }
     if (cfg.has_wd) {
-      update_block<P, true>(p + bs, m1, m2, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
+      update_block<P, true>(p + bs, m, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
                             cfg.neg_lr, cfg.wd_mult, s);
     } else {
-      update_block<P, false>(p + bs, m1, m2, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
+      update_block<P, false>(p + bs, m, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
                              cfg.neg_lr, 1.0f, s);
     }
   }
