@@ -84,7 +84,7 @@ struct Job {
 };
 
 // Per-thread buffers, sized by the unit and the block: the step's whole scratch memory
-// (13 bytes per unit element plus 33 per block element: 184 KiB at the defaults, where
+// (13 bytes per unit element plus 32 per block element: 180 KiB at the defaults, where
 // unit and block are both 4096 elements). Each thread keeps its own between steps (see
 // thread_scratch), so a step allocates nothing and the Top-K guess carries over.
 struct Scratch {
@@ -97,11 +97,11 @@ struct Scratch {
   std::vector<uint32_t> bkeys;    // ...and their keys (+16 slack)
   std::vector<uint32_t> sample;   // strided sample of keys
   std::vector<int32_t> sel;       // kept indices of one block
-  std::vector<float> m;           // moment accumulators of one block, pairs (M, S) per
-                                  // coordinate (one cache line for both), zero between uses
-  std::vector<uint8_t> mark;      // whether a block coordinate is listed, zero between uses
-  std::vector<int32_t> listed;    // distinct window coordinates of one block
-  std::vector<float> um1, um2;    // their moments, then u and new values
+  std::vector<float> m;           // moment pairs (M, S) of one block's window coordinates,
+                                  // pair s for the coordinate in slot s, zero between uses
+  std::vector<int32_t> slot;      // each block coordinate's slot (0: none), zero between uses
+  std::vector<int32_t> listed;    // the coordinate of slot s + 1, in order of first visit
+  std::vector<float> u;           // their update directions, then new values
   const void* guess_owner = nullptr;  // the tensor whose last block set the guess
   uint32_t guess = kNoGuess;          // candidate threshold for its next block
   float guess_factor = 0.8f;          // guess = last threshold * guess_factor
@@ -116,11 +116,10 @@ struct Scratch {
         bkeys(block_ + 16),
         sample(256),
         sel(block_),
-        m(2 * block_, 0.0f),
-        mark(block_, 0),
+        m(2 * block_ + 2, 0.0f),
+        slot(block_, 0),
         listed(block_),
-        um1(block_),
-        um2(block_),
+        u(block_),
         unit(unit_),
         block(block_),
         blocks_per_unit(blocks_per_unit_) {}
@@ -472,7 +471,7 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
     // ask for them now, while the access pattern is a plain stream. And the next unit of
     // this thread's run usually follows this one: ask for its gradient ahead of time.
     __builtin_prefetch(p + i, 0, 2);
-    __builtin_prefetch(g + i + cfg.unit, 0, 2);
+
     if (cfg.ef) {
       if (i == next_bucket) {
         const int64_t bucket = (start + i) / cfg.bucket;
@@ -587,43 +586,40 @@ void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float level
 #endif  // MICROADAM_AVX512
 
 // ---------------------------------------------------------------------------------------
-// Alg. 1 lines 10-12 on one block, after the moments were accumulated into the pairs m at
-// the c distinct window coordinates listed in at[] (every other entry of m and mark
-// is zero, and the listed ones are zeroed here for the next block): u for the listed
+// Alg. 1 lines 10-12 on one block, after the moments of its c distinct window coordinates
+// were accumulated into the pairs m[2 (j + 1)], m[2 (j + 1) + 1] of slot j + 1, the slot of
+// coordinate at[j] (pairs and slots are zeroed here for the next block): u for those
 // coordinates, then p = fma(u, -lr, p * (1 - lr wd)). A coordinate in no window row gets
-// u = 0, so without weight decay only the listed parameters are touched.
+// u = 0, so without weight decay only the window's parameters are touched.
 template <typename P, bool kDecay>
-void update_block(P* p, float* __restrict m, uint8_t* __restrict mark,
+void update_block(P* p, float* __restrict m, int32_t* __restrict slot,
                   const int32_t* __restrict at, int64_t c, int64_t n, float c1, float c2,
                   float eps, float neg_lr, float wd_mult, Scratch& s) {
-  float* __restrict u1 = s.um1.data();
-  float* __restrict u2 = s.um2.data();
-  for (int64_t j = 0; j < c; ++j) {
-    const int32_t i = at[j];
-    u1[j] = m[2 * i];
-    u2[j] = m[2 * i + 1];
-    m[2 * i] = 0.0f;
-    m[2 * i + 1] = 0.0f;
-    mark[i] = 0;
-  }
+  float* __restrict u = s.u.data();
+  const float* __restrict pairs = m + 2;  // slot j + 1 holds coordinate at[j]
   for (int64_t j = 0; j < c; ++j) {  // vectorized by the compiler
-    const float m_hat = u1[j] * c1;
-    const float v_hat = u2[j] * c2;
+    const float m_hat = pairs[2 * j] * c1;
+    const float v_hat = pairs[2 * j + 1] * c2;
     const float denom = std::sqrt(v_hat) + eps;
-    u1[j] = denom > 0.0f ? m_hat / denom : 0.0f;
+    u[j] = denom > 0.0f ? m_hat / denom : 0.0f;
   }
+  std::memset(m, 0, (2 * c + 2) * sizeof(float));
   if (!kDecay) {
     for (int64_t j = 0; j < c; ++j) {
+      slot[at[j]] = 0;
       P& x = p[at[j]];
-      x = from_float<P>(std::fma(u1[j], neg_lr, to_float(x)));
+      x = from_float<P>(std::fma(u[j], neg_lr, to_float(x)));
     }
     return;
   }
   // The window coordinates need the decayed value before it is rounded to P: compute
   // them first, then decay the whole block, then write them.
-  for (int64_t j = 0; j < c; ++j) u1[j] = std::fma(u1[j], neg_lr, to_float(p[at[j]]) * wd_mult);
+  for (int64_t j = 0; j < c; ++j) {
+    slot[at[j]] = 0;
+    u[j] = std::fma(u[j], neg_lr, to_float(p[at[j]]) * wd_mult);
+  }
   for (int64_t k = 0; k < n; ++k) p[k] = from_float<P>(to_float(p[k]) * wd_mult);
-  for (int64_t j = 0; j < c; ++j) p[at[j]] = from_float<P>(u1[j]);
+  for (int64_t j = 0; j < c; ++j) p[at[j]] = from_float<P>(u[j]);
 }
 
 // One unit: Alg. 1 lines 4-12 for its blocks and buckets.
@@ -773,7 +769,7 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
   // Alg. 1 lines 9-12: the moments, accumulated at the window's coordinates of each block
   // (rows in storage order, as index_add_ does), then the update.
   float* m = s.m.data();
-  uint8_t* mark = s.mark.data();
+  int32_t* slot = s.slot.data();
   int32_t* at = s.listed.data();
   for (int64_t bs = 0; bs < n; bs += cfg.block) {
     const int64_t blk = first_block + bs / cfg.block;
@@ -795,18 +791,22 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
         const float f = v * d1;
         const float sq = v * v;
         const float f2 = sq * d2;
-        m[2 * i] = m[2 * i] + f;
-        m[2 * i + 1] = m[2 * i + 1] + f2;
-        at[listed] = static_cast<int32_t>(i);  // listed once: mark is 0 before the first visit
-        listed += mark[i] ^ 1;
-        mark[i] = 1;
+        // The coordinate's slot in the moment pairs: the next free one on its first visit
+        // (compact pairs make the update a contiguous, vectorized pass).
+        const int32_t old = slot[i];
+        const int32_t sl = old != 0 ? old : static_cast<int32_t>(listed + 1);
+        slot[i] = sl;
+        at[listed] = static_cast<int32_t>(i);
+        listed += old == 0 ? 1 : 0;
+        m[2 * sl] = m[2 * sl] + f;
+        m[2 * sl + 1] = m[2 * sl + 1] + f2;
       }
     }
     if (cfg.has_wd) {
-      update_block<P, true>(p + bs, m, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
+      update_block<P, true>(p + bs, m, slot, at, listed, bn, job.c1, job.c2, cfg.eps,
                             cfg.neg_lr, cfg.wd_mult, s);
     } else {
-      update_block<P, false>(p + bs, m, mark, at, listed, bn, job.c1, job.c2, cfg.eps,
+      update_block<P, false>(p + bs, m, slot, at, listed, bn, job.c1, job.c2, cfg.eps,
                              cfg.neg_lr, 1.0f, s);
     }
   }
