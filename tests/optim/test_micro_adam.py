@@ -219,6 +219,38 @@ def test_sparse_and_complex_are_rejected():
         MicroAdam([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("density", 0.02, r"window_indices has shape \(10, 10\), expected \(10, 20\)"),
+        ("window_size", 4, r"window_indices has shape \(10, 10\), expected \(4, 10\)"),
+        ("quant_bits", 8, r"ef_codes has shape \(500,\), expected \(1000,\)"),
+        ("value_dtype", torch.float16, r"window_values has dtype torch.bfloat16, expected"),
+    ],
+)
+@pytest.mark.parametrize("fused", [None, False])
+def test_changed_state_settings_raise_at_the_next_step_and_change_nothing(
+    key, value, message, fused
+):
+    # The state check is skipped while nothing changed; a changed setting must still be
+    # caught before anything is stepped, and the old setting must work again.
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = MicroAdam([p], density=0.01, topk_block_size=1000, fused=fused)
+    for _ in range(2):
+        p.grad = torch.randn(1000)
+        opt.step()
+    x, st = p.detach().clone(), _clone_state(opt, p)
+    old = opt.param_groups[0][key]
+    opt.param_groups[0][key] = value
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert torch.equal(p, x)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+    opt.param_groups[0][key] = old
+    opt.step()
+    assert opt.state[p]["step"].item() == 3
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_gradient_raises_and_changes_nothing(bad):
     a = torch.nn.Parameter(torch.randn(100))

@@ -78,6 +78,16 @@ MAX_ALIGNED_CHUNK = 1 << 21
 
 STATE_FORMAT_VERSION = 1
 _ROUNDINGS = ("nearest", "stochastic")
+# The group settings that decide a parameter's state shapes and dtypes.
+_STATE_SHAPING = (
+    "window_size",
+    "density",
+    "topk_block_size",
+    "quant_block_size",
+    "quant_bits",
+    "error_feedback",
+    "value_dtype",
+)
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -609,8 +619,21 @@ class MicroAdam(Optimizer):
         if group["rounding"] == "stochastic" and "rng_seed" not in state:
             seed = int(torch.randint(0, 2**62, (1,)).item())
             state["rng_seed"] = torch.tensor(seed, dtype=torch.int64)
-        self._check_state(p, group, state, "the current hyperparameters")
+        # The full check once per parameter, state and setting (it costs more than a small
+        # fused step): again only after a load or a change of the group's settings.
+        signature = (id(state), p.shape, *(group[key] for key in _STATE_SHAPING))
+        if self._checked.get(p) != signature:
+            self._check_state(p, group, state, "the current hyperparameters")
+            self._checked[p] = signature
         return state
+
+    @property
+    def _checked(self) -> dict[torch.Tensor, tuple]:
+        """The settings each parameter's state was last checked against (not saved)."""
+        checked = self.__dict__.get("_checked_states")
+        if checked is None:
+            checked = self.__dict__["_checked_states"] = {}
+        return checked
 
     def _check_state(self, p, group, state, origin: str) -> None:
         """Raise if ``state`` does not fit parameter ``p`` under ``group``'s settings."""
@@ -846,6 +869,7 @@ class MicroAdam(Optimizer):
         differs, and the optimizer is left as it was.
         """
         check_is_state_dict(state_dict)
+        self._checked.clear()  # every state is checked again at the next step
         state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
         check_state_dict_format(
             self, state_dict, "microadam_format", STATE_FORMAT_VERSION, "MicroAdam"
