@@ -536,7 +536,6 @@ void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float level
   const __m512 lo = _mm512_set1_ps(lo_s), u = _mm512_set1_ps(u_s);
   const __m512 levels = _mm512_set1_ps(levels_s), zero = _mm512_setzero_ps();
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m128i low8 = _mm_set1_epi16(0x00ff);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const uint64_t e = first + i;
@@ -555,16 +554,16 @@ void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float level
       offset = _mm512_load_ps(o);
     }
     __m512 y = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a + i), lo), u);
-    y = _mm512_roundscale_ps(_mm512_add_ps(y, offset), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    y = _mm512_min_ps(_mm512_max_ps(y, zero), levels);
-    const __m128i c8 = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(y));
+    // floor, then clamp to [0, L], equals clamping first and then truncating (as in
+    // compress/quant.py): no rounding instruction needed.
+    y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, offset), zero), levels);
+    const __m512i c = _mm512_cvttps_epi32(y);
     if (bits == 4) {
-      // Pairs as 16-bit words (even element in the low byte) -> (even << 4) | odd.
-      const __m128i w = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c8, low8), 4),
-                                     _mm_srli_epi16(c8, 8));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm_packus_epi16(w, w));
+      // Per 64-bit lane (even code low, odd code high): (even << 4) | odd in its low byte.
+      const __m512i w = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i / 2), _mm512_cvtepi64_epi8(w));
     } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), c8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
     }
   }
   // A short last bucket of the tensor: its rest, pairwise at 4 bits (an odd count leaves
