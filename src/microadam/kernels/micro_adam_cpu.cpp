@@ -96,7 +96,7 @@ struct Scratch {
   std::vector<int32_t> bcand;     // candidates of one block for select_topk (+16 slack)...
   std::vector<uint32_t> bkeys;    // ...and their keys (+16 slack)
   std::vector<uint32_t> sample;   // strided sample of keys
-  std::vector<int32_t> sel;       // kept indices of one block
+  std::vector<int32_t> sel;       // kept indices of one block (+16 slack)
   std::vector<float> m;           // moment pairs (M, S) of one block's window coordinates,
                                   // pair s for the coordinate in slot s, zero between uses
   std::vector<int32_t> slot;      // each block coordinate's slot (0: none), zero between uses
@@ -115,7 +115,7 @@ struct Scratch {
         bcand(block_ + 16),
         bkeys(block_ + 16),
         sample(256),
-        sel(block_),
+        sel(block_ + 16),
         m(2 * block_ + 2, 0.0f),
         slot(block_, 0),
         listed(block_),
@@ -247,8 +247,18 @@ uint32_t take_top(const int32_t* idx, const uint32_t* keys, int64_t nc, int64_t 
   int64_t count;
   const uint32_t t = kth_threshold(keys, nc, k, &count);
   if (count == k) {
-    int64_t o = 0;
-    for (int64_t c = 0; c < nc; ++c) {
+    int64_t o = 0, c = 0;
+#if MICROADAM_AVX512
+    const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(t));
+    const __m512i off = _mm512_set1_epi32(offset);
+    for (; c + 16 <= nc; c += 16) {  // keys < 2^31: signed compares are fine
+      const __mmask16 m = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + c), thr);
+      const __m512i at = _mm512_sub_epi32(_mm512_loadu_si512(idx + c), off);
+      _mm512_storeu_si512(out + o, _mm512_maskz_compress_epi32(m, at));  // out has slack
+      o += __builtin_popcount(static_cast<unsigned>(m));
+    }
+#endif
+    for (; c < nc; ++c) {
       out[o] = idx[c] - offset;
       o += keys[c] >= t ? 1 : 0;
     }
