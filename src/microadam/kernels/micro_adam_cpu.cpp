@@ -466,9 +466,10 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
   const __m512i sign = _mm512_set1_epi32(cfg.maximize ? static_cast<int32_t>(0x80000000u) : 0);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(threshold));
-  const __m128i low4 = _mm_set1_epi8(0x0f);
-  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 lo = _mm512_setzero_ps(), u = _mm512_setzero_ps();
+  const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i nibble_shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  __m512i lane = lane0;
+  __m512 lo = _mm512_setzero_ps(), u = _mm512_setzero_ps(), table = _mm512_setzero_ps();
   int64_t c = 0, b = 0, next_block = 0, next_bucket = 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -478,29 +479,31 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
     }
     __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load16(g + i)), sign));
     // The update touches this unit's parameters much later, at scattered coordinates:
-    // ask for them now, while the access pattern is a plain stream. And the next unit of
-    // this thread's run usually follows this one: ask for its gradient ahead of time.
+    // ask for them now, while the access pattern is a plain stream.
     __builtin_prefetch(p + i, 0, 2);
-
     if (cfg.ef) {
       if (i == next_bucket) {
         const int64_t bucket = (start + i) / cfg.bucket;
         const float lo_s = to_float(job.emin[bucket]);
         lo = _mm512_set1_ps(lo_s);
         u = _mm512_set1_ps((to_float(job.emax[bucket]) - lo_s) / levels);
+        // At 4 bits, the bucket's 16 decoded values, each float(code) * u + lo as below.
+        table = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lane0), u), lo);
         next_bucket += cfg.bucket;
       }
-      __m128i c8;
+      __m512 deq;
       if (cfg.bits == 4) {
+        // Every byte twice, even elements' copies shifted right by 4: the low 4 bits of
+        // each lane are its code, the only bits the table lookup reads.
         const __m128i packed =
             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(job.codes + (start + i) / 2));
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);
-        c8 = _mm_unpacklo_epi8(hi, _mm_and_si128(packed, low4));  // even element first
+        const __m512i twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(packed, packed));
+        deq = _mm512_permutexvar_ps(_mm512_srlv_epi32(twice, nibble_shift), table);
       } else {
-        c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.codes + start + i));
+        const __m128i c8 =
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.codes + start + i));
+        deq = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8)), u), lo);
       }
-      const __m512 deq = _mm512_add_ps(
-          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8)), u), lo);
       x = _mm512_add_ps(x, deq);
     }
     _mm512_storeu_ps(a + i, x);
