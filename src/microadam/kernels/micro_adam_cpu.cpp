@@ -542,35 +542,60 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
   s.cand_at[b] = c;
 }
 
+// The offsets of elements e .. e + 15 of the tensor: 1/2 (round to nearest) or their
+// uniform noise (stochastic rounding).
+inline __m512 offsets16(bool stochastic, uint64_t e, uint32_t key) {
+  if (!stochastic) return _mm512_set1_ps(0.5f);
+  if (static_cast<uint32_t>(e) > 0xffffffffu - 15u) {  // the counter's low word wraps
+    alignas(64) float o[16];
+    for (int l = 0; l < 16; ++l) o[l] = noise_at(e + l, key);
+    return _mm512_load_ps(o);
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i counter = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(e)), lane);
+  __m512i h = mix32_16(_mm512_xor_si512(counter, _mm512_set1_epi32(static_cast<int32_t>(key))));
+  h = mix32_16(_mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int32_t>(e >> 32))));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
+                       _mm512_set1_ps(1.0f / 16777216.0f));
+}
+
+// The codes of 16 elements as int32 lanes. floor, then clamp to [0, L], equals clamping
+// first and then truncating (as in compress/quant.py): no rounding instruction needed.
+inline __m512i codes16(const float* a, __m512 lo, __m512 u, __m512 offset, __m512 levels) {
+  const __m512 y = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a), lo), u);
+  return _mm512_cvttps_epi32(
+      _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, offset), _mm512_setzero_ps()), levels));
+}
+
 // Alg. 1 line 8 for one bucket starting on a multiple of 16 elements: the codes of
 // a[0..n), computed and packed in registers, into out (the bucket's first byte).
 void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float levels_s,
                    bool stochastic, uint64_t first, uint32_t key, int64_t bits, uint8_t* out) {
   const __m512 lo = _mm512_set1_ps(lo_s), u = _mm512_set1_ps(u_s);
-  const __m512 levels = _mm512_set1_ps(levels_s), zero = _mm512_setzero_ps();
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 levels = _mm512_set1_ps(levels_s);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const uint64_t e = first + i;
-    __m512 offset;
-    if (!stochastic) {
-      offset = _mm512_set1_ps(0.5f);
-    } else if (static_cast<uint32_t>(e) <= 0xffffffffu - 15u) {
-      const __m512i counter = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(e)), lane);
-      __m512i h = mix32_16(_mm512_xor_si512(counter, _mm512_set1_epi32(static_cast<int32_t>(key))));
-      h = mix32_16(_mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int32_t>(e >> 32))));
-      offset = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
-                             _mm512_set1_ps(1.0f / 16777216.0f));
-    } else {  // the counter's low word wraps inside these 16: element by element
-      alignas(64) float o[16];
-      for (int l = 0; l < 16; ++l) o[l] = noise_at(e + l, key);
-      offset = _mm512_load_ps(o);
+  // 64 at a time: narrowed to bytes by two saturating packs (codes are 0..255), which
+  // interleave 128-bit lanes, put back in order by one permute; at 4 bits each pair of
+  // bytes becomes (even << 4) | odd by a multiply-add with (16, 1).
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (; i + 64 <= n; i += 64) {
+    __m512i c[4];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t j = i + 16 * v;
+      c[v] = codes16(a + j, lo, u, offsets16(stochastic, first + j, key), levels);
     }
-    __m512 y = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a + i), lo), u);
-    // floor, then clamp to [0, L], equals clamping first and then truncating (as in
-    // compress/quant.py): no rounding instruction needed.
-    y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, offset), zero), levels);
-    const __m512i c = _mm512_cvttps_epi32(y);
+    const __m512i bytes = _mm512_permutexvar_epi32(
+        order, _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]),
+                                   _mm512_packus_epi32(c[2], c[3])));
+    if (bits == 4) {
+      const __m512i pairs = _mm512_maddubs_epi16(bytes, _mm512_set1_epi16(0x0110));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), _mm512_cvtepi16_epi8(pairs));
+    } else {
+      _mm512_storeu_si512(out + i, bytes);
+    }
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512i c = codes16(a + i, lo, u, offsets16(stochastic, first + i, key), levels);
     if (bits == 4) {
       // Per 64-bit lane (even code low, odd code high): (even << 4) | odd in its low byte.
       const __m512i w = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
