@@ -42,6 +42,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -659,6 +660,33 @@ void update_block(P* p, float* __restrict m, int32_t* __restrict slot,
   for (int64_t j = 0; j < c; ++j) p[at[j]] = from_float<P>(u[j]);
 }
 
+// Window row entries of one block: the kept indices and a at them, as value dtype V.
+template <typename V>
+void store_row(const int32_t* sel, int64_t k, const float* a, int16_t* widx, V* wval) {
+  int64_t c = 0;
+#if MICROADAM_AVX512
+  if constexpr (std::is_same_v<V, float> || std::is_same_v<V, c10::BFloat16>) {
+    for (; c + 16 <= k; c += 16) {
+      const __m512i at = _mm512_loadu_si512(sel + c);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(widx + c), _mm512_cvtepi32_epi16(at));
+      const __m512i x = _mm512_i32gather_epi32(at, a, 4);
+      if constexpr (std::is_same_v<V, float>) {
+        _mm512_storeu_si512(wval + c, x);
+      } else {  // round to nearest even, as c10::BFloat16 does for finite values
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        const __m512i up = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wval + c),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
+      }
+    }
+  }
+#endif
+  for (; c < k; ++c) {
+    widx[c] = static_cast<int16_t>(sel[c]);
+    wval[c] = from_float<V>(a[sel[c]]);
+  }
+}
+
 // One unit: Alg. 1 lines 4-12 for its blocks and buckets.
 template <typename P, typename V>
 void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
@@ -747,10 +775,7 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
       const bool known = s.guess_owner == job.p;
       select_topk(a + bs, bn, k, s, job.p, known ? s.guess : kNoGuess, known, sel);
     }
-    for (int64_t c = 0; c < k; ++c) {
-      widx_row[col0 + c] = static_cast<int16_t>(sel[c]);
-      wval_row[col0 + c] = from_float<V>(a[bs + sel[c]]);
-    }
+    store_row(sel, k, a + bs, widx_row + col0, wval_row + col0);
     if (cfg.ef) {
       for (int64_t c = 0; c < k; ++c) a[bs + sel[c]] = 0.0f;
     }
