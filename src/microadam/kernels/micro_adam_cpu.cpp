@@ -1077,8 +1077,14 @@ int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorL
     Job& job = jobs[j];
     const at::Tensor& p = params[j];
     const float step = scalar_of<float>(steps[j], at::kFloat, "a step");
-    TORCH_CHECK(step >= 0.0f && step < 16777216.0f && step == std::floor(step),
-                "microadam fused CPU step: bad step ", step);
+    // float32 counts exactly up to 2^24 (MAX_STEPS in optim/micro_adam.py).
+    TORCH_CHECK(std::isfinite(step) && step >= 0.0f && step == std::floor(step),
+                "microadam fused CPU step: a parameter's step count is ", step,
+                ", not a whole number >= 0 (corrupted optimizer state?)");
+    TORCH_CHECK(step < 16777215.0f, "MicroAdam: a parameter's step count is ",
+                static_cast<int64_t>(step),  // a whole number >= 2^24 - 1: exact
+                "; the float32 step counter of its state stops being exact at 2^24, so "
+                "MicroAdam takes at most 16777215 steps per parameter");
     const int64_t t = static_cast<int64_t>(step) + 1;
     job.numel = p.numel();
     job.num_full = job.numel / topk_block_size;

@@ -78,6 +78,18 @@ MAX_ALIGNED_CHUNK = 1 << 21
 
 STATE_FORMAT_VERSION = 1
 _ROUNDINGS = ("nearest", "stochastic")
+# Steps are counted in a float32 tensor (as torch.optim does), exact up to 2^24.
+MAX_STEPS = 2**24 - 1
+
+
+def _too_many_steps(step: int) -> str:
+    return (
+        f"MicroAdam: a parameter's step count is {step}; the float32 step counter of its "
+        f"state stops being exact at 2^24, so MicroAdam takes at most {MAX_STEPS} steps "
+        "per parameter"
+    )
+
+
 # The group settings that decide a parameter's state shapes and dtypes.
 _STATE_SHAPING = (
     "window_size",
@@ -284,6 +296,8 @@ def micro_adam_step_(
     }
     d = param.numel()
     step = int(state["step"].item()) + 1
+    if step > MAX_STEPS:
+        raise RuntimeError(_too_many_steps(step - 1))
     layout = topk_layout(d, topk_block_size, density)
     row = (step - 1) % window_size
     rows = min(step, window_size)
