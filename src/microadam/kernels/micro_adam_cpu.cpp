@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -457,64 +458,74 @@ inline __m512i mix32_16(__m512i x) {
 // Alg. 1 line 4 for the unit in one pass: a = g (negated under maximize) + (float(code) *
 // u + lo), codes unpacked in registers, and, when a candidate threshold is given, the
 // indices of each block's Top-K candidates (|a| >= threshold) recorded on the way (unit-
-// relative, in s.cand; block b's start at s.cand_at[b]).
-template <typename P>
+// relative, in s.cand; block b's start at s.cand_at[b]). The settings that do not change
+// within a unit are template arguments, and the inner loop runs between block and bucket
+// boundaries, so its body has no branch.
+template <typename P, bool kEf, bool kFourBits, bool kCollect>
 void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, const Job& job,
                float levels, uint32_t threshold, Scratch& s) {
   float* a = s.a.data();
   int32_t* idx = s.cand.data();
-  const bool collect = threshold != kNoGuess;
+  const bool collect = kCollect;
   const __m512i sign = _mm512_set1_epi32(cfg.maximize ? static_cast<int32_t>(0x80000000u) : 0);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(threshold));
   const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i nibble_shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i sixteen = _mm512_set1_epi32(16);
   __m512i lane = lane0;
   __m512 lo = _mm512_setzero_ps(), u = _mm512_setzero_ps(), table = _mm512_setzero_ps();
-  int64_t c = 0, b = 0, next_block = 0, next_bucket = 0;
+  int64_t c = 0, b = 0, next_block = 0;
+  int64_t next_bucket = kEf ? 0 : std::numeric_limits<int64_t>::max();
+  const int64_t n16 = n & ~int64_t{15};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  while (i < n16) {
     if (i == next_block) {
       s.cand_at[b++] = c;
       next_block += cfg.block;
     }
-    __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load16(g + i)), sign));
-    // The update touches this unit's parameters much later, at scattered coordinates:
-    // ask for them now, while the access pattern is a plain stream.
-    __builtin_prefetch(p + i, 0, 2);
-    if (cfg.ef) {
-      if (i == next_bucket) {
-        const int64_t bucket = (start + i) / cfg.bucket;
-        const float lo_s = to_float(job.emin[bucket]);
-        lo = _mm512_set1_ps(lo_s);
-        u = _mm512_set1_ps((to_float(job.emax[bucket]) - lo_s) / levels);
-        // At 4 bits, the bucket's 16 decoded values, each float(code) * u + lo as below.
-        table = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lane0), u), lo);
-        next_bucket += cfg.bucket;
-      }
-      __m512 deq;
-      if (cfg.bits == 4) {
-        // Every byte twice, even elements' copies shifted right by 4: the low 4 bits of
-        // each lane are its code, the only bits the table lookup reads.
-        const __m128i packed =
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(job.codes + (start + i) / 2));
-        const __m512i twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(packed, packed));
-        deq = _mm512_permutexvar_ps(_mm512_srlv_epi32(twice, nibble_shift), table);
-      } else {
-        const __m128i c8 =
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.codes + start + i));
-        deq = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8)), u), lo);
-      }
-      x = _mm512_add_ps(x, deq);
+    if (kEf && i == next_bucket) {
+      const int64_t bucket = (start + i) / cfg.bucket;
+      const float lo_s = to_float(job.emin[bucket]);
+      lo = _mm512_set1_ps(lo_s);
+      u = _mm512_set1_ps((to_float(job.emax[bucket]) - lo_s) / levels);
+      // At 4 bits, the bucket's 16 decoded values, each float(code) * u + lo as below.
+      table = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lane0), u), lo);
+      next_bucket += cfg.bucket;
     }
-    _mm512_storeu_ps(a + i, x);
-    if (collect) {
-      const __m512i key = _mm512_and_si512(_mm512_castps_si512(x), abs_mask);
-      const __mmask16 m = _mm512_cmpge_epi32_mask(key, thr);
-      _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
-      c += __builtin_popcount(static_cast<unsigned>(m));
+    const int64_t end = std::min({next_block, next_bucket, n16});
+    for (; i < end; i += 16) {
+      __m512 x =
+          _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load16(g + i)), sign));
+      // The update touches this unit's parameters much later, at scattered coordinates:
+      // ask for them now, while the access pattern is a plain stream.
+      __builtin_prefetch(p + i, 0, 2);
+      if constexpr (kEf) {
+        __m512 deq;
+        if constexpr (kFourBits) {
+          // Every byte twice, even elements' copies shifted right by 4: the low 4 bits of
+          // each lane are its code, the only bits the table lookup reads.
+          const __m128i packed =
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(job.codes + (start + i) / 2));
+          const __m512i twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(packed, packed));
+          deq = _mm512_permutexvar_ps(_mm512_srlv_epi32(twice, nibble_shift), table);
+        } else {
+          const __m128i c8 =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(job.codes + start + i));
+          deq = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8)), u),
+                              lo);
+        }
+        x = _mm512_add_ps(x, deq);
+      }
+      _mm512_storeu_ps(a + i, x);
+      if constexpr (kCollect) {
+        const __m512i key = _mm512_and_si512(_mm512_castps_si512(x), abs_mask);
+        const __mmask16 m = _mm512_cmpge_epi32_mask(key, thr);
+        _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
+        c += __builtin_popcount(static_cast<unsigned>(m));
+        lane = _mm512_add_epi32(lane, sixteen);
+      }
     }
-    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
   }
   // The tensor's last unit may end inside a run of 16.
   for (; i < n; ++i) {
@@ -705,7 +716,20 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
   bool have_candidates = false;
 #if MICROADAM_AVX512
   if (cfg.fast) {
-    load_unit(g, p, start, n, cfg, job, levels, guess, s);
+    const auto load = [&](auto ef, auto four, auto collect) {
+      load_unit<P, decltype(ef)::value, decltype(four)::value, decltype(collect)::value>(
+          g, p, start, n, cfg, job, levels, guess, s);
+    };
+    using Y = std::true_type;
+    using N = std::false_type;
+    const bool collect = guess != kNoGuess;
+    if (cfg.ef && cfg.bits == 4) {
+      collect ? load(Y{}, Y{}, Y{}) : load(Y{}, Y{}, N{});
+    } else if (cfg.ef) {
+      collect ? load(Y{}, N{}, Y{}) : load(Y{}, N{}, N{});
+    } else {
+      collect ? load(N{}, N{}, Y{}) : load(N{}, N{}, N{});
+    }
     have_candidates = guess != kNoGuess;
   }
 #endif
