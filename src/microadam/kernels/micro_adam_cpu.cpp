@@ -457,8 +457,8 @@ inline __m512i mix32_16(__m512i x) {
 
 // Alg. 1 line 4 for the unit in one pass: a = g (negated under maximize) + (float(code) *
 // u + lo), codes unpacked in registers, and, when a candidate threshold is given, the
-// indices of each block's Top-K candidates (|a| >= threshold) recorded on the way (unit-
-// relative, in s.cand; block b's start at s.cand_at[b]). The settings that do not change
+// indices and keys of each block's Top-K candidates (|a| >= threshold) recorded on the way
+// (unit-relative indices in s.cand, keys in s.keys; block b's start at s.cand_at[b]). The settings that do not change
 // within a unit are template arguments, and the inner loop runs between block and bucket
 // boundaries, so its body has no branch.
 template <typename P, bool kEf, bool kFourBits, bool kCollect>
@@ -466,6 +466,7 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
                float levels, uint32_t threshold, Scratch& s) {
   float* a = s.a.data();
   int32_t* idx = s.cand.data();
+  uint32_t* keys = s.keys.data();
   const bool collect = kCollect;
   const __m512i sign = _mm512_set1_epi32(cfg.maximize ? static_cast<int32_t>(0x80000000u) : 0);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
@@ -522,6 +523,7 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
         const __m512i key = _mm512_and_si512(_mm512_castps_si512(x), abs_mask);
         const __mmask16 m = _mm512_cmpge_epi32_mask(key, thr);
         _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
+        _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(m, key));
         c += __builtin_popcount(static_cast<unsigned>(m));
         lane = _mm512_add_epi32(lane, sixteen);
       }
@@ -548,7 +550,8 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
     a[i] = x;
     if (collect) {
       idx[c] = static_cast<int32_t>(i);
-      c += (bits_of(x) & 0x7fffffffu) >= threshold ? 1 : 0;
+      keys[c] = bits_of(x) & 0x7fffffffu;
+      c += keys[c] >= threshold ? 1 : 0;
     }
   }
   s.cand_at[b] = c;
@@ -788,10 +791,9 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
     const int64_t nc = have_candidates ? s.cand_at[b + 1] - c0 : 0;
     if (have_candidates && k < bn) steer_guess(s, nc, k);
     if (have_candidates && k < bn && usable(nc, k, bn)) {
-      // load_unit recorded the candidates' indices; their keys come from a.
-      uint32_t* keys = s.keys.data() + c0;
+      // load_unit recorded the candidates' indices and keys.
+      const uint32_t* keys = s.keys.data() + c0;
       const int32_t* idx = s.cand.data() + c0;
-      for (int64_t c = 0; c < nc; ++c) keys[c] = key_of(a, idx[c]);
       update_guess(s, job.p, take_top(idx, keys, nc, k, static_cast<int32_t>(bs), sel));
     } else if (have_candidates) {  // they failed, which says how to move the threshold
       select_topk(a + bs, bn, k, s, job.p, retry_threshold(guess, nc, k), false, sel);
