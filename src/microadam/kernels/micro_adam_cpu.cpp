@@ -4,10 +4,13 @@
 // state tensors, in one pass over each "unit" of whole Top-K blocks and whole quantization
 // buckets (lcm(B, Q, 2) elements, grouped to about 4096): the unit's corrected gradient
 // lives in a per-thread float buffer that stays in cache, each gradient element and each
-// error code is read from memory once, and without weight decay the parameters are touched
-// only at the window's coordinates. Units go to the threads of torch's intra-op pool in
-// short runs through an atomic counter, so a thread the OS preempts (the machine may be
-// shared) does not hold the others up the way a static split would.
+// error code is read from memory once by the step (the gradients once more before it, by
+// the finite check), and without weight decay the parameters are touched only at the
+// window's coordinates. Units go to the threads of torch's intra-op pool in short runs
+// through an atomic counter, so a thread the OS preempts (the machine may be shared) does
+// not hold the others up the way a static split would. Each thread keeps its buffers from
+// step to step. The per-parameter numbers of a step (t, the window row, the decay factors,
+// the bias corrections, the noise key) are computed here from the state's step and seed.
 //
 // Rounding matches the PyTorch path operation by operation. The file is compiled with
 // -ffp-contract=off, so no multiply-add is fused unless written as std::fma:
@@ -23,8 +26,10 @@
 //
 // Portable C++ does everything; where the compiler targets AVX-512 (-march=native on such
 // a CPU) and the block and bucket sizes are multiples of 16, the hot loops use it
-// directly: loading a unit (gradient, decoded error, Top-K candidates, in one pass) and
-// encoding a bucket (codes computed and packed in registers).
+// directly: loading a unit (gradient, error decoded by a 16-entry table at 4 bits, Top-K
+// candidates, in one pass), picking the kept entries, writing the window row and encoding
+// a bucket (codes computed and packed in registers). These choices were measured A/B in
+// one process (two builds of this file, interleaved steps) at 1M parameters.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
