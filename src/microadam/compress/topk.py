@@ -8,6 +8,7 @@ block of a tensor may be shorter and keeps its own, proportionally rounded, coun
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -18,6 +19,7 @@ __all__ = ["TopKLayout", "block_topk", "kept_per_block", "topk_layout"]
 MAX_BLOCK_SIZE = 32768  # block-local indices are stored as int16 (0 .. 32767)
 
 
+@functools.lru_cache(maxsize=1024)  # called at every step, for each tensor
 def kept_per_block(n: int, density: float) -> int:
     """ceil(n * density), at least 1 for n >= 1 and at most n.
 

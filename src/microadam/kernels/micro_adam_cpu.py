@@ -24,6 +24,7 @@ skips the kernel altogether.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -72,6 +73,7 @@ _warned = False
 build_seconds: float | None = None  # wall time of this process's compile, if it compiled
 
 
+@functools.lru_cache(maxsize=64)  # called at every step
 def work_unit(topk_block_size: int, quant_block_size: int, quant_bits: int, ef: bool) -> int:
     """Elements per work unit of the kernel for these block sizes."""
     base = topk_block_size
@@ -290,7 +292,7 @@ def micro_adam_multi_step_(
     none: list[torch.Tensor] = []
     bad = _ops.micro_adam_step_(
         [p.detach() for p in targets],
-        [g.detach() if g.is_contiguous() else g.detach().contiguous() for g in grads],
+        [g if g.is_contiguous() else g.contiguous() for g in grads],
         [st["step"] for st in states],
         [st["rng_seed"] for st in states] if rounding == "stochastic" else none,
         [st["window_indices"] for st in states],
@@ -311,7 +313,7 @@ def micro_adam_multi_step_(
         error_feedback,
         rounding == "stochastic",
         maximize,
-        [g.detach() if g.is_contiguous() else g.detach().contiguous() for g in check_grads],
+        [g if g.is_contiguous() else g.contiguous() for g in check_grads],
     )
     if bad >= 0:
         return bad

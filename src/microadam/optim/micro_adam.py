@@ -698,18 +698,18 @@ class MicroAdam(Optimizer):
                 loss = closure()
 
         # Check every gradient before touching anything, so a bad one changes nothing.
-        work = params_with_grad("MicroAdam", self.param_groups)
         # A DTensor parameter (FSDP2) steps on its local shard: to_local() views the local
         # storage, so the in-place update lands in the parameter; its state is per shard.
-        shards = [(_sharding.local(p), _sharding.local(p.grad)) for _, p in work]
-        fused = [
-            self._use_fused(group, p, lp, lg)
-            for (group, p), (lp, lg) in zip(work, shards, strict=True)
-        ]
-        sharded = [p for _, p in work if _sharding.is_dtensor(p)]
-        for (_, p), (_, lg), use_fused in zip(work, shards, fused, strict=True):
-            if not use_fused and not _sharding.is_dtensor(p) and not all_finite(lg):
+        work = []  # (group, p, local p, local grad, fused)
+        sharded = []
+        for group, p in params_with_grad("MicroAdam", self.param_groups):
+            lp, lg = _sharding.local(p), _sharding.local(p.grad)
+            fused = self._use_fused(group, p, lp, lg)
+            if _sharding.is_dtensor(p):
+                sharded.append(p)
+            elif not fused and not all_finite(lg):
                 self._raise_non_finite(p)
+            work.append((group, p, lp, lg, fused))
         if sharded:
             # Every rank must take the same decision, or the ranks would drift apart.
             finite = [all_finite(_sharding.local(p.grad)) for p in sharded]
@@ -718,20 +718,21 @@ class MicroAdam(Optimizer):
                 self._raise_non_finite(sharded[finite.index(False)])
         # The fused kernel checks the gradients of every fused parameter (on its first call
         # of the step, in the same parallel region) and updates nothing if one is bad.
-        fresh = [p for _, p in work if len(self.state[p]) == 0]
-        states = [self._init_state(p, group) for group, p in work]
+        fresh = [p for _, p, _, _, _ in work if len(self.state[p]) == 0]
         batches: dict[int, tuple[dict, list]] = {}
-        for (group, _), state, use_fused, (lp, lg) in zip(work, states, fused, shards, strict=True):
-            if use_fused:
+        to_check = []  # DTensor gradients were checked above, across ranks
+        pure = []
+        for group, p, lp, lg, fused in work:
+            state = self._init_state(p, group)
+            if fused:
                 batches.setdefault(id(group), (group, []))[1].append((lp, lg, state))
+                if not _sharding.is_dtensor(p):
+                    to_check.append((p, lg))
+            else:
+                pure.append((group, lp, lg, state))
         if batches:
             from microadam.kernels.micro_adam_cpu import micro_adam_multi_step_
 
-            to_check = [  # DTensor gradients were checked above, across ranks
-                (p, lg)
-                for (_, p), (_, lg), use_fused in zip(work, shards, fused, strict=True)
-                if use_fused and not _sharding.is_dtensor(p)
-            ]
             for group, items in batches.values():
                 hyper = {k: v for k, v in _plain_lr(group).items() if k != "params"}
                 bad = micro_adam_multi_step_(
@@ -746,9 +747,8 @@ class MicroAdam(Optimizer):
                         del self.state[p]
                     self._raise_non_finite(to_check[bad][0])
                 to_check = []
-        for (group, _), state, use_fused, (lp, lg) in zip(work, states, fused, shards, strict=True):
-            if not use_fused:
-                micro_adam_step_(lp, lg, state, **_plain_lr(group))
+        for group, lp, lg, state in pure:
+            micro_adam_step_(lp, lg, state, **_plain_lr(group))
         return loss
 
     def _raise_non_finite(self, p: torch.Tensor) -> None:
