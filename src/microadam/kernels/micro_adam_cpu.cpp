@@ -504,8 +504,10 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
       __m512 x =
           _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(load16(g + i)), sign));
       // The update touches this unit's parameters much later, at scattered coordinates:
-      // ask for them now, while the access pattern is a plain stream.
+      // ask for them now, while the access pattern is a plain stream. And the gradient 4 KiB
+      // ahead (measured: 5% faster at 25M, where it comes from DRAM, 1% at 1M).
       __builtin_prefetch(p + i, 0, 2);
+      __builtin_prefetch(g + i + 1024, 0, 2);
       if constexpr (kEf) {
         __m512 deq;
         if constexpr (kFourBits) {
