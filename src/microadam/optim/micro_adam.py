@@ -449,7 +449,7 @@ class MicroAdam(Optimizer):
         The fused CPU step. On the CPU, parameters of float32, bfloat16 or float16 with
         gradients of the same dtype and a ``value_dtype`` among those three take a fused
         C++/OpenMP kernel (:mod:`microadam.kernels.micro_adam_cpu`), about 35x faster than
-        the pure-PyTorch step and within 1.3-1.4x of ``AdamW(fused=True)`` from 25M
+        the pure-PyTorch step and within 1.1-1.4x of ``AdamW(fused=True)`` from 25M
         parameters up (1.8-1.9x at 1M, where AdamW runs from cache; ``microadam speed``). It keeps
         the same state (checkpoints move freely between the two), selects the same
         Top-K indices and writes the same window values and error codes on tie-free
