@@ -340,9 +340,9 @@ inline uint32_t retry_threshold(uint32_t t, int64_t nc, int64_t k) {
 // Block Top-K without usable precomputed candidates: the indices of the k largest |x|
 // among x[0..n), ascending. Candidates are the elements at or above a threshold: first
 // `first` (the caller's retry after precomputed candidates failed, or this thread's guess
-// for the tensor, then is_guess; kNoGuess for none), else the r-th largest of 256 strided samples (about
-// 2k + 2n/256 candidates expected), else (k a large part of the block, or too few came
-// out) the whole block. Gradient statistics change slowly along a tensor and from step to
+// for the tensor, then is_guess; kNoGuess for none), else the r-th largest of 256 strided
+// samples (about 2k + 2n/256 candidates expected), else (k a large part of the block, or
+// too few came out) the whole block. Gradient statistics change slowly along a tensor and from step to
 // step, so the threshold found guides the next block's guess.
 void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* owner,
                  uint32_t first, bool is_guess, int32_t* out) {
@@ -472,7 +472,6 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
   float* a = s.a.data();
   int32_t* idx = s.cand.data();
   uint32_t* keys = s.keys.data();
-  const bool collect = kCollect;
   const __m512i sign = _mm512_set1_epi32(cfg.maximize ? static_cast<int32_t>(0x80000000u) : 0);
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(threshold));
@@ -543,10 +542,10 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
       next_block += cfg.block;
     }
     float x = cfg.maximize ? -to_float(g[i]) : to_float(g[i]);
-    if (cfg.ef) {
+    if constexpr (kEf) {
       const int64_t e = start + i;
-      const uint8_t byte = cfg.bits == 4 ? job.codes[e / 2] : job.codes[e];
-      const uint8_t code = cfg.bits == 4 ? ((e & 1) ? (byte & 0x0f) : (byte >> 4)) : byte;
+      const uint8_t byte = kFourBits ? job.codes[e / 2] : job.codes[e];
+      const uint8_t code = kFourBits ? ((e & 1) ? (byte & 0x0f) : (byte >> 4)) : byte;
       const int64_t bucket = e / cfg.bucket;
       const float lo_s = to_float(job.emin[bucket]);
       const float u_s = (to_float(job.emax[bucket]) - lo_s) / levels;
@@ -555,7 +554,7 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
       x = x + deq;
     }
     a[i] = x;
-    if (collect) {
+    if constexpr (kCollect) {
       idx[c] = static_cast<int32_t>(i);
       keys[c] = bits_of(x) & 0x7fffffffu;
       c += keys[c] >= threshold ? 1 : 0;
@@ -732,15 +731,14 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
     };
     using Y = std::true_type;
     using N = std::false_type;
-    const bool collect = guess != kNoGuess;
-    if (cfg.ef && cfg.bits == 4) {
-      collect ? load(Y{}, Y{}, Y{}) : load(Y{}, Y{}, N{});
-    } else if (cfg.ef) {
-      collect ? load(Y{}, N{}, Y{}) : load(Y{}, N{}, N{});
-    } else {
-      collect ? load(N{}, N{}, Y{}) : load(N{}, N{}, N{});
-    }
     have_candidates = guess != kNoGuess;
+    if (cfg.ef && cfg.bits == 4) {
+      have_candidates ? load(Y{}, Y{}, Y{}) : load(Y{}, Y{}, N{});
+    } else if (cfg.ef) {
+      have_candidates ? load(Y{}, N{}, Y{}) : load(Y{}, N{}, N{});
+    } else {
+      have_candidates ? load(N{}, N{}, Y{}) : load(N{}, N{}, N{});
+    }
   }
 #endif
   if (!cfg.fast) {

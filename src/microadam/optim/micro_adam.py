@@ -575,6 +575,8 @@ class MicroAdam(Optimizer):
         )
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
+        # The settings each parameter's state was last checked against (not saved).
+        self._checked: dict[torch.Tensor, tuple] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -640,14 +642,6 @@ class MicroAdam(Optimizer):
             self._check_state(p, group, state, "the current hyperparameters")
             self._checked[p] = signature
         return state
-
-    @property
-    def _checked(self) -> dict[torch.Tensor, tuple]:
-        """The settings each parameter's state was last checked against (not saved)."""
-        checked = self.__dict__.get("_checked_states")
-        if checked is None:
-            checked = self.__dict__["_checked_states"] = {}
-        return checked
 
     def _check_state(self, p, group, state, origin: str) -> None:
         """Raise if ``state`` does not fit parameter ``p`` under ``group``'s settings."""
@@ -788,6 +782,7 @@ class MicroAdam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._checked = {}
         for group in self.param_groups:
             group.setdefault("fused", None)  # state dicts saved before ``fused`` existed
 
