@@ -16,9 +16,11 @@ zero for coordinates that appear in no row.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["window_ages", "window_direction"]
+__all__ = ["decay_weights", "window_ages", "window_direction"]
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,28 @@ def window_ages(step: int, window_size: int) -> list[int]:
     ``t`` with ``(t - 1) mod m == r``); only the first ``min(step, m)`` rows exist."""
     rows = min(step, window_size)
     return [(step - 1 - r) % window_size for r in range(rows)]
+
+
+@functools.lru_cache(maxsize=256)
+def decay_weights(
+    step: int, window_size: int, beta: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``beta ** age_r`` for the rows written so far at step ``step``, as a ``(rows, 1)``
+    tensor on ``device`` (computed in double precision, then cast: the kernels do the same).
+
+    The weights depend on the step only through ``(step - 1) mod m`` and ``min(step, m)``,
+    so the cache keyed on those holds at most ``2 m`` tensors per setting: after the first
+    window a step copies nothing from the host, which on an accelerator would be a blocking
+    copy per chunk. The tensors are shared: never write to them.
+    """
+    weights = [beta**a for a in window_ages(step, window_size)]
+    return torch.tensor(weights, dtype=dtype).unsqueeze(1).to(device)
+
+
+def _decay(step: int, window_size: int, beta: float, dtype, device) -> torch.Tensor:
+    # Key the cache on what the weights depend on, not on the step itself.
+    wrapped = step if step <= window_size else window_size + (step - 1) % window_size + 1
+    return decay_weights(wrapped, window_size, beta, dtype, device)
 
 
 def window_direction(
@@ -69,10 +93,8 @@ def window_direction(
     """
     beta1, beta2 = betas
     device = values.device
-    ages = window_ages(step, window_size)
-    # Decay weights in double precision, then cast: the kernels compute them the same way.
-    decay1 = torch.tensor([beta1**a for a in ages], dtype=dtype, device=device).unsqueeze(1)
-    decay2 = torch.tensor([beta2**a for a in ages], dtype=dtype, device=device).unsqueeze(1)
+    decay1 = _decay(step, window_size, beta1, dtype, device)
+    decay2 = _decay(step, window_size, beta2, dtype, device)
     pos = (indices.to(torch.int64) + offsets).reshape(-1)
     vals = values.to(dtype)
     first = (vals * decay1).reshape(-1)

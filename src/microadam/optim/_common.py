@@ -3,7 +3,8 @@ gradients, naming a parameter in an error message, and checking a state dict's f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "check_is_state_dict",
     "check_state_dict_format",
     "describe_param",
+    "first_non_finite",
     "lift_format_key",
     "params_by_saved_id",
     "params_with_grad",
@@ -77,6 +79,27 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(torch.stack((lo, hi))).all())
+
+
+def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
+    """Position of the first tensor in ``tensors`` that holds NaN or inf, else None.
+
+    The tensors are checked together: one ``_foreach_norm(inf)`` (which propagates NaN) per
+    device and dtype and one host read per device, so an accelerator synchronises once per
+    step instead of once per parameter. Only when something is not finite are the tensors
+    looked at one by one, to name the first.
+    """
+    groups: dict[torch.device, dict[torch.dtype, list[torch.Tensor]]] = {}
+    for t in tensors:
+        if t.numel():
+            groups.setdefault(t.device, {}).setdefault(t.dtype, []).append(t)
+    finite = True
+    for by_dtype in groups.values():
+        norms = [torch.stack(torch._foreach_norm(ts, math.inf)).float() for ts in by_dtype.values()]
+        finite = finite and bool(torch.cat(norms).isfinite().all())
+    if finite:
+        return None
+    return next(i for i, t in enumerate(tensors) if not all_finite(t))
 
 
 # Keys that mark the state dicts of this package's optimizers, and whose they are.

@@ -40,6 +40,7 @@ from microadam.optim._common import (
     check_is_state_dict,
     check_state_dict_format,
     describe_param,
+    first_non_finite,
     lift_format_key,
     params_by_saved_id,
     params_with_grad,
@@ -59,10 +60,10 @@ __all__ = [
 DEFAULT_TOPK_BLOCK_SIZE = 4096
 DEFAULT_QUANT_BLOCK_SIZE = 256
 
-# Elements per chunk of the pure-PyTorch step: 512 KiB per float32 temporary. 2^17 is as
-# fast as 2^18 at 25M elements and keeps glibc's per-thread arenas from retaining tens of
-# MiB (benchmarks/peak_memory.py); 2^16 is 20% slower.
-DEFAULT_CHUNK_SIZE = 1 << 17
+# Elements per chunk of the pure-PyTorch step on an accelerator: a chunk costs about 70
+# small kernel launches whatever its size, so chunks are large, 16 MiB per float32
+# temporary (the step's scratch peaks at about ten of them, far below a GPU's memory).
+DEFAULT_CHUNK_SIZE = 1 << 22
 # On the CPU, chunks stay below torch's intra-op grain (32768 elements), so that every op
 # of the step runs on the calling thread. Each op on a larger tensor opens a parallel
 # region, and on a machine busy with other work every region waits for a descheduled
@@ -237,10 +238,10 @@ def _corrected_gradient(
     return a
 
 
-def _noise(state: dict, step: int, start: int, length: int, h: dict, a: torch.Tensor):
-    if h["rounding"] != "stochastic":
+def _noise(seed: int | None, step: int, start: int, length: int, a: torch.Tensor):
+    """Stochastic rounding's noise for elements ``start ..`` (None: round to nearest)."""
+    if seed is None:
         return None
-    seed = int(state["rng_seed"].item())
     return uniform_noise(seed, step, start, length, device=a.device, dtype=a.dtype)
 
 
@@ -280,7 +281,9 @@ def micro_adam_step_(
     ``state`` must already hold the buffers of :meth:`MicroAdam._init_state`; ``grad`` is
     only read. ``chunk_size`` and ``max_aligned_chunk`` default to the module constants
     ``DEFAULT_CHUNK_SIZE`` and ``MAX_ALIGNED_CHUNK`` (read at call time, so tests can force
-    the two-pass path); on the CPU chunks are capped at ``CPU_CHUNK_SIZE``. The steps
+    the two-pass path); on the CPU chunks are capped at ``CPU_CHUNK_SIZE``. Off the CPU
+    the step never waits for the device: ``step`` and ``rng_seed`` are host tensors, the
+    decay weights come from a cache on the device, and no value is read back. The steps
     follow the design page (docs: ``microadam.md``), numbered as in Alg. 1 of the paper.
     """
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
@@ -292,10 +295,12 @@ def micro_adam_step_(
         "error_feedback": error_feedback,
         "quant_block_size": quant_block_size,
         "quant_bits": quant_bits,
-        "rounding": rounding,
     }
     d = param.numel()
+    # step and rng_seed live on the CPU (load_state_dict puts them there): reading them
+    # never waits for an accelerator.
     step = int(state["step"].item()) + 1
+    seed = int(state["rng_seed"].item()) if rounding == "stochastic" else None
     if step > MAX_STEPS:
         raise RuntimeError(_too_many_steps(step - 1))
     layout = topk_layout(d, topk_block_size, density)
@@ -334,7 +339,7 @@ def micro_adam_step_(
             # Alg. 1 line 7: the error is what Top-K dropped.
             a.index_fill_(0, idx.to(torch.int64) + offsets, 0)
             if one_pass:
-                noise = _noise(state, step, start, end - start, h, a)
+                noise = _noise(seed, step, start, end - start, a)
                 codes, lo, hi = quantize(a, q, bits, noise)
                 _store_packed(state, start, codes, bits)
                 state["ef_min"][start // q : start // q + lo.numel()] = lo
@@ -342,7 +347,7 @@ def micro_adam_step_(
             else:
                 b0 = start // q
                 ids = torch.arange(start, end, device=a.device) // q - b0
-                nb = int(ids[-1].item()) + 1
+                nb = (end - 1) // q - b0 + 1
                 new_lo[b0 : b0 + nb].scatter_reduce_(0, ids, a, "amin")
                 new_hi[b0 : b0 + nb].scatter_reduce_(0, ids, a, "amax")
         del a
@@ -370,7 +375,7 @@ def micro_adam_step_(
             a = _corrected_gradient(flat_grad, state, start, end, h, dtype)
             a.index_fill_(0, win_idx[row, c0:c1].to(torch.int64) + offsets, 0)
             lo_e, step_e = _bucket_params(lo_all, hi_all, start, end - start, q, bits, dtype)
-            codes = encode(a, lo_e, step_e, bits, _noise(state, step, start, end - start, h, a))
+            codes = encode(a, lo_e, step_e, bits, _noise(seed, step, start, end - start, a))
             _store_codes(state, start, codes, bits)
         state["ef_min"].copy_(lo_all)
         state["ef_max"].copy_(hi_all)
@@ -489,8 +494,8 @@ class MicroAdam(Optimizer):
     :math:`d` at 8) and ``ef_min``/``ef_max`` (bf16, :math:`4\lceil d/Q\rceil` bytes):
     :math:`0.5d + 4mk + 4\lceil d/Q\rceil` bytes, about 0.92 bytes per parameter at the
     defaults (m = 10, density 1%, Q = 256). ``error_feedback=False`` drops the last two.
-    ``step`` uses scratch memory for one chunk of blocks (about 2^17 elements, 2^15 on the
-    CPU), never a float32 copy of the whole parameter.
+    ``step`` uses scratch memory for one chunk of blocks (about 2^22 elements on an
+    accelerator, 2^15 on the CPU), never a float32 copy of the whole parameter.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -695,15 +700,19 @@ class MicroAdam(Optimizer):
         # A DTensor parameter (FSDP2) steps on its local shard: to_local() views the local
         # storage, so the in-place update lands in the parameter; its state is per shard.
         work = []  # (group, p, local p, local grad, fused)
-        sharded = []
+        sharded, unchecked = [], []
         for group, p in params_with_grad("MicroAdam", self.param_groups):
             lp, lg = _sharding.local(p), _sharding.local(p.grad)
             fused = self._use_fused(group, p, lp, lg)
             if _sharding.is_dtensor(p):
                 sharded.append(p)
-            elif not fused and not all_finite(lg):
-                self._raise_non_finite(p)
+            elif not fused:
+                unchecked.append((p, lg))
             work.append((group, p, lp, lg, fused))
+        # One check for all of them: one host read per device, not one sync per parameter.
+        bad = first_non_finite([lg for _, lg in unchecked])
+        if bad is not None:
+            self._raise_non_finite(unchecked[bad][0])
         if sharded:
             # Every rank must take the same decision, or the ranks would drift apart.
             finite = [all_finite(_sharding.local(p.grad)) for p in sharded]
@@ -919,7 +928,9 @@ class MicroAdam(Optimizer):
             p, _ = id_map[pid]
             for key, value in saved_state.items():
                 if isinstance(value, torch.Tensor):
-                    device = value.device if key in ("step", "rng_seed") else p.device
+                    # step and rng_seed are read on the host at every step: keep them on
+                    # the CPU whatever map_location put them on.
+                    device = "cpu" if key in ("step", "rng_seed") else p.device
                     self.state[p][key] = value.detach().to(device=device, copy=True)
 
 
