@@ -391,10 +391,13 @@ def test_step_count_stops_at_float32s_last_exact_integer(fused, fused_kernel):
 
 def test_invalid_fused_is_rejected():
     p = torch.nn.Parameter(torch.zeros(3))
-    for bad in (1, "yes", 0.0):
+    for bad in (1, "yes", 0.0, "Triton"):
         with pytest.raises(ValueError) as info:
             MicroAdam([p], fused=bad)
-        assert str(info.value) == f"Invalid fused: {bad} (expected True, False or None)"
+        assert str(info.value) == (
+            f"Invalid fused: {bad!r} (expected None, True, False or one of 'eager', "
+            "'compiled', 'triton', 'cpu')"
+        )
 
 
 @pytest.mark.parametrize(

@@ -77,10 +77,28 @@ CPU_CHUNK_SIZE = 32767
 # re-quantizes the error instead, keeping scratch memory bounded all the same.
 MAX_ALIGNED_CHUNK = 1 << 21
 
+# The ways to step, for ``fused``: the pure-PyTorch step, the torch.compile'd step, the
+# fused Triton kernel (CUDA) and the fused C++ kernel (CPU).
+PATHS = ("eager", "compiled", "triton", "cpu")
+_PATH_NAMES = {
+    "eager": "pure-PyTorch step",
+    "compiled": "compiled step",
+    "triton": "fused Triton step",
+    "cpu": "fused CPU step",
+}
+
 STATE_FORMAT_VERSION = 1
 _ROUNDINGS = ("nearest", "stochastic")
 # Steps are counted in a float32 tensor (as torch.optim does), exact up to 2^24.
 MAX_STEPS = 2**24 - 1
+
+
+def chunk_length(device: torch.device) -> int:
+    """Elements per chunk of the step on ``device`` before rounding down to whole units
+    (module constants read at call time, so tests can shrink them)."""
+    if device.type == "cpu":
+        return min(DEFAULT_CHUNK_SIZE, CPU_CHUNK_SIZE)
+    return DEFAULT_CHUNK_SIZE
 
 
 def _too_many_steps(step: int) -> str:
@@ -160,8 +178,12 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid value_dtype: {vd} (expected a floating torch.dtype)")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']} (expected True or False)")
-    if group["fused"] is not None and not isinstance(group["fused"], bool):
-        raise ValueError(f"Invalid fused: {group['fused']} (expected True, False or None)")
+    fused = group["fused"]
+    if not (fused is None or isinstance(fused, bool) or (type(fused) is str and fused in PATHS)):
+        raise ValueError(
+            f"Invalid fused: {fused!r} (expected None, True, False or one of "
+            f"{', '.join(repr(path) for path in PATHS)})"
+        )
 
 
 def _compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -286,8 +308,9 @@ def micro_adam_step_(
     decay weights come from a cache on the device, and no value is read back. The steps
     follow the design page (docs: ``microadam.md``), numbered as in Alg. 1 of the paper.
     """
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    if param.device.type == "cpu":
+    if chunk_size is None:
+        chunk_size = chunk_length(param.device)
+    elif param.device.type == "cpu":
         chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
     max_aligned_chunk = MAX_ALIGNED_CHUNK if max_aligned_chunk is None else max_aligned_chunk
     h = {
@@ -522,10 +545,16 @@ class MicroAdam(Optimizer):
         value_dtype (torch.dtype, optional): dtype of the stored window values
             (default: torch.bfloat16).
         maximize (bool, optional): maximize the objective instead (default: False).
-        fused (bool, optional): use the fused CPU kernel (default: None, which uses it
-            wherever it applies and the pure-PyTorch step elsewhere; True requires it and
-            raises ``RuntimeError`` at ``step`` where it does not apply; False never uses
-            it). See the note on the fused CPU step.
+        fused (bool or str, optional): how to step (default: None, the best path that
+            applies: on the CPU the fused C++ kernel, on CUDA the fused Triton kernel, then
+            the compiled step, and the pure-PyTorch step everywhere else). ``True`` requires
+            the device's fused kernel (C++ on the CPU, Triton on CUDA), ``False`` or
+            ``"eager"`` is the pure-PyTorch step, and ``"cpu"``, ``"triton"`` or
+            ``"compiled"`` (``torch.compile`` of the pure step's chunk) require that path.
+            A required path that does not apply raises ``RuntimeError`` at ``step`` before
+            anything changes. All paths keep the same state, so a checkpoint moves between
+            them; ``load_state_dict`` keeps this optimizer's ``fused``. See the notes on the
+            fused CPU step and on GPUs.
 
     Example:
         >>> import torch
@@ -699,16 +728,16 @@ class MicroAdam(Optimizer):
         # Check every gradient before touching anything, so a bad one changes nothing.
         # A DTensor parameter (FSDP2) steps on its local shard: to_local() views the local
         # storage, so the in-place update lands in the parameter; its state is per shard.
-        work = []  # (group, p, local p, local grad, fused)
+        work = []  # (group, p, local p, local grad, path)
         sharded, unchecked = [], []
         for group, p in params_with_grad("MicroAdam", self.param_groups):
             lp, lg = _sharding.local(p), _sharding.local(p.grad)
-            fused = self._use_fused(group, p, lp, lg)
+            path = self._path(group, p, lp, lg)
             if _sharding.is_dtensor(p):
                 sharded.append(p)
-            elif not fused:
+            elif path != "cpu":
                 unchecked.append((p, lg))
-            work.append((group, p, lp, lg, fused))
+            work.append((group, p, lp, lg, path))
         # One check for all of them: one host read per device, not one sync per parameter.
         bad = first_non_finite([lg for _, lg in unchecked])
         if bad is not None:
@@ -719,39 +748,42 @@ class MicroAdam(Optimizer):
             finite = _sharding.all_ranks_agree(finite, sharded)
             if not all(finite):
                 self._raise_non_finite(sharded[finite.index(False)])
-        # The fused kernel checks the gradients of every fused parameter (on its first call
-        # of the step, in the same parallel region) and updates nothing if one is bad.
+        # The fused CPU kernel checks the gradients of every parameter it steps (on its
+        # first call of the step, in the same parallel region) and updates nothing if one
+        # is bad.
         fresh = [p for _, p, _, _, _ in work if len(self.state[p]) == 0]
-        batches: dict[int, tuple[dict, list]] = {}
+        batches: dict[tuple[int, str], tuple[dict, list]] = {}
         to_check = []  # DTensor gradients were checked above, across ranks
-        pure = []
-        for group, p, lp, lg, fused in work:
+        for group, p, lp, lg, path in work:
             state = self._init_state(p, group)
-            if fused:
-                batches.setdefault(id(group), (group, []))[1].append((lp, lg, state))
-                if not _sharding.is_dtensor(p):
-                    to_check.append((p, lg))
-            else:
-                pure.append((group, lp, lg, state))
-        if batches:
-            from microadam.kernels.micro_adam_cpu import micro_adam_multi_step_
+            batches.setdefault((id(group), path), (group, []))[1].append((lp, lg, state))
+            if path == "cpu" and not _sharding.is_dtensor(p):
+                to_check.append((p, lg))
+        for (_, path), (group, items) in batches.items():
+            params, grads, states = ([item[i] for item in items] for i in range(3))
+            hyper = _step_arguments(group)
+            if path == "cpu":
+                from microadam.kernels.micro_adam_cpu import micro_adam_multi_step_
 
-            for group, items in batches.values():
-                hyper = {k: v for k, v in _plain_lr(group).items() if k != "params"}
                 bad = micro_adam_multi_step_(
-                    [lp for lp, _, _ in items],
-                    [lg for _, lg, _ in items],
-                    [state for _, _, state in items],
-                    check_grads=[lg for _, lg in to_check],
-                    **hyper,
+                    params, grads, states, check_grads=[lg for _, lg in to_check], **hyper
                 )
                 if bad is not None:
                     for p in fresh:  # states made for this step only: forget them again
                         del self.state[p]
                     self._raise_non_finite(to_check[bad][0])
                 to_check = []
-        for group, lp, lg, state in pure:
-            micro_adam_step_(lp, lg, state, **_plain_lr(group))
+            elif path == "triton":
+                from microadam.kernels.micro_adam_triton import micro_adam_multi_step_
+
+                micro_adam_multi_step_(params, grads, states, **hyper)
+            elif path == "compiled":
+                from microadam.kernels.micro_adam_compiled import micro_adam_multi_step_
+
+                micro_adam_multi_step_(params, grads, states, **hyper)
+            else:
+                for lp, lg, state in items:
+                    micro_adam_step_(lp, lg, state, **hyper)
         return loss
 
     def _raise_non_finite(self, p: torch.Tensor) -> None:
@@ -761,31 +793,52 @@ class MicroAdam(Optimizer):
             "lower the learning rate, or use gradient clipping or a GradScaler"
         )
 
-    def _use_fused(
+    def _path(
         self, group: dict[str, Any], p: torch.Tensor, lp: torch.Tensor, lg: torch.Tensor
-    ) -> bool:
-        """Whether ``p`` (stepped as ``lp`` with gradient ``lg``, its local shard if ``p`` is
-        a DTensor) takes the fused kernel; raises if ``fused=True`` cannot have it."""
+    ) -> str:
+        """Which of :data:`PATHS` steps ``p`` (as ``lp`` with gradient ``lg``, its local
+        shard if ``p`` is a DTensor); raises if the path ``fused`` asks for cannot take it."""
         mode = group["fused"]
-        if mode is False:
-            return False
-        from microadam.kernels import micro_adam_cpu
-
-        reason = micro_adam_cpu.unsupported_reason(lp, lg, group)
-        if reason is None:
-            reason = micro_adam_cpu.unavailable_reason()  # builds the kernel on first use
-        if reason is None:
-            return True
-        if mode is True:
+        if mode is False or mode == "eager":
+            return "eager"
+        device = lp.device.type
+        if mode is None:
+            if device == "cpu":
+                return "cpu" if self._reason("cpu", group, lp, lg) is None else "eager"
+            if device == "cuda":
+                for path in ("triton", "compiled"):
+                    if self._reason(path, group, lp, lg) is None:
+                        return path
+            return "eager"
+        path = mode if isinstance(mode, str) else ("triton" if device == "cuda" else "cpu")
+        reason = self._reason(path, group, lp, lg)
+        if reason is not None:
             raise RuntimeError(
-                f"MicroAdam(fused=True): the fused CPU step does not cover {self._describe(p)}: "
-                f"{reason}. Pass fused=None to use the pure-PyTorch step where it does not "
-                "apply; nothing was updated"
+                f"MicroAdam(fused={mode!r}): the {_PATH_NAMES[path]} does not cover "
+                f"{self._describe(p)}: {reason}. Pass fused=None to use the best step that "
+                "applies; nothing was updated"
             )
-        message = micro_adam_cpu.take_fallback_warning()
-        if message is not None:
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-        return False
+        return path
+
+    def _reason(
+        self, path: str, group: dict[str, Any], lp: torch.Tensor, lg: torch.Tensor
+    ) -> str | None:
+        """Why ``path`` cannot step ``lp`` under ``group``'s settings, or None. Under
+        ``fused=None`` a CPU kernel that fails to build warns once, here."""
+        if path == "cpu":
+            from microadam.kernels import micro_adam_cpu as kernel
+        elif path == "triton":
+            from microadam.kernels import micro_adam_triton as kernel
+        else:
+            from microadam.kernels import micro_adam_compiled as kernel
+        reason = kernel.unsupported_reason(lp, lg, group)
+        if reason is None:
+            reason = kernel.unavailable_reason()  # may build it, on first use
+        if reason is not None and path == "cpu" and group["fused"] is None:
+            message = kernel.take_fallback_warning()
+            if message is not None:
+                warnings.warn(message, RuntimeWarning, stacklevel=5)
+        return reason
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -921,7 +974,13 @@ class MicroAdam(Optimizer):
             except RuntimeError as err:
                 raise ValueError(f"Invalid state_dict: {err}") from None
         body = {k: v for k, v in state_dict.items() if k != "microadam_format"}
+        # ``fused`` says how this process steps, not what the state is: a checkpoint
+        # written on any path and device continues on the path this optimizer was built
+        # with.
+        paths = [group["fused"] for group in self.param_groups]
         super().load_state_dict(body)
+        for group, path in zip(self.param_groups, paths, strict=True):
+            group["fused"] = path
         # Undo torch's dtype policy: restore every tensor exactly as saved (a private copy,
         # so the loaded optimizer never shares buffers with the caller's dict).
         for pid, saved_state in state_dict["state"].items():
@@ -934,7 +993,26 @@ class MicroAdam(Optimizer):
                     self.state[p][key] = value.detach().to(device=device, copy=True)
 
 
-def _plain_lr(group: dict[str, Any]) -> dict[str, Any]:
-    """The group's hyperparameters with a tensor ``lr`` turned into a Python float."""
+_STEP_ARGUMENTS = (
+    "betas",
+    "eps",
+    "weight_decay",
+    "window_size",
+    "density",
+    "topk_block_size",
+    "quant_block_size",
+    "quant_bits",
+    "error_feedback",
+    "rounding",
+    "maximize",
+)
+
+
+def _step_arguments(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of every path's step function, with a tensor ``lr`` read once
+    (one host read per group and step)."""
     lr = group["lr"]
-    return {**group, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr}
+    return {
+        "lr": lr.item() if isinstance(lr, torch.Tensor) else lr,
+        **{key: group[key] for key in _STEP_ARGUMENTS},
+    }
