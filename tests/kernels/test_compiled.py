@@ -43,6 +43,14 @@ CASES = {
         [(3000,), (37, 29), (), (5,)],
         dict(weight_decay=0.1),
     ),
+    # The default layout (B = 4096, Q = 256, 1%): chunks of one block, and the 4224- and
+    # 8292-element tensors end in a short block (inductor once lost the second half of a
+    # concatenation of a full block's and a short block's indices here).
+    "f32-default-layout": (
+        torch.float32,
+        [(4224,), (2, 4146)],
+        dict(density=0.01, topk_block_size=4096, quant_block_size=256),
+    ),
     "bf16-stochastic-4bit": (torch.bfloat16, [(1500,), ()], dict(rounding="stochastic")),
     "f16-f16-values-8bit-maximize": (
         torch.float16,

@@ -36,6 +36,7 @@ quantization (above ``MAX_ALIGNED_CHUNK``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -164,21 +165,15 @@ def _quantize(a, noise, q: int, bits: int):
     return flat, lo, hi
 
 
-def _topk(a: torch.Tensor, block: int, num_full: int, k_block: int, tail: int, k_tail: int):
-    idx_parts, val_parts = [], []
-    for blocks, k in (
-        (a[: num_full * block].view(num_full, block), k_block),
-        (a[num_full * block :].view(1, tail), k_tail),
-    ):
-        if blocks.numel() == 0:
-            continue
-        if k == blocks.shape[1]:
-            idx = torch.arange(k, device=a.device).expand(blocks.shape[0], k)
-        else:
-            idx = blocks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        idx_parts.append(idx)
-        val_parts.append(blocks.gather(1, idx))
-    return idx_parts, val_parts
+def _segments(block: int, num_full: int, k_block: int, tail: int, k_tail: int):
+    """``(first element, rows, row length, kept per row)`` of the chunk's full Top-K blocks
+    and of its short last block, where there are any."""
+    segments = []
+    if num_full:
+        segments.append((0, num_full, block, k_block))
+    if tail:
+        segments.append((num_full * block, 1, tail, k_tail))
+    return segments
 
 
 def chunk_step(
@@ -187,8 +182,8 @@ def chunk_step(
     codes: torch.Tensor | None,
     ef_min: torch.Tensor | None,
     ef_max: torch.Tensor | None,
-    window_indices: torch.Tensor,
-    window_values: torch.Tensor,
+    window_indices: list[torch.Tensor],
+    window_values: list[torch.Tensor],
     info: torch.Tensor,
     *,
     block: int,
@@ -205,20 +200,26 @@ def chunk_step(
     eps: float,
     weight_decay: float,
     window_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> list[torch.Tensor]:
     """One chunk of the pure step (same numbering, same rounding), for ``torch.compile``.
 
     ``grad`` and ``param`` are the chunk's flat elements, ``codes``/``ef_min``/``ef_max``
     its packed codes and bucket ranges (all None without error feedback), updated in place
-    like ``param``; ``window_indices``/``window_values`` are a contiguous copy of the
-    chunk's window columns, all ``m`` rows (unwritten rows are zeros, and add nothing).
-    ``info`` is the chunk's row of per-step numbers (t, row, noise key, lr, offset).
-    Returns the new window row ``(indices, values)`` for the caller to store.
+    like ``param``. The chunk is one or two segments (its full Top-K blocks, its short last
+    block); ``window_indices``/``window_values`` hold, per segment, a contiguous copy of
+    its window columns, all ``m`` rows (unwritten rows are zeros and add nothing). ``info``
+    is the chunk's row of per-step numbers (t, row, noise key, lr, offset). Returns the new
+    window row of each segment, indices then values, for the caller to store.
+
+    Segments are kept apart rather than concatenated: a coordinate's moments only ever
+    come from its own segment's columns, so nothing changes, and inductor (torch 2.13, CPU)
+    dropped the writes of the second half of a ``cat`` of Top-K indices.
     """
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     device = param.device
     n = num_full * block + tail
     t, row, lr = info[_T], info[_ROW].to(torch.int64), info[_LR]
+    segments = _segments(block, num_full, k_block, tail, k_tail)
 
     # Alg. 1 line 4: a = g + Q^-1(e).
     a = grad.to(dtype)
@@ -226,18 +227,22 @@ def chunk_step(
         a = -a
     if codes is not None:
         a = a + _decode(codes, ef_min, ef_max, n, quant_block_size, quant_bits, dtype)
-    # Lines 5-6: Top-K per block; the new window row.
-    idx_parts, val_parts = _topk(a, block, num_full, k_block, tail, k_tail)
-    new_idx = torch.cat([i.reshape(-1) for i in idx_parts]).to(torch.int16)
-    new_val = torch.cat([v.reshape(-1) for v in val_parts]).to(window_values.dtype)
-    # Position in the chunk of every window column: its block's start plus the index.
-    columns = num_full * k_block + k_tail
-    col = torch.arange(columns, device=device)
-    owner = (col // k_block).clamp(max=num_full) if k_block else torch.zeros_like(col)
-    block_start = owner * block
+    # Lines 5-6: Top-K per block: the new window row, segment by segment, and the chunk
+    # position of every window column of the segment.
+    new_rows, positions = [], []
+    for first, rows, length, k in segments:
+        blocks = a[first : first + rows * length].view(rows, length)
+        if k == length:  # density 1
+            idx = torch.arange(k, device=device).expand(rows, k)
+        else:
+            idx = blocks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        new_rows.append((idx.to(torch.int16), blocks.gather(1, idx)))
+        starts = first + torch.arange(rows, device=device) * length
+        positions.append(starts.repeat_interleave(k))
     # Lines 7-8: the error is what Top-K dropped, quantized per bucket.
     if codes is not None:
-        a = a.index_fill(0, new_idx.to(torch.int64) + block_start, 0.0)
+        for (idx, _), offset in zip(new_rows, positions, strict=True):
+            a = a.index_fill(0, idx.reshape(-1).to(torch.int64) + offset, 0.0)
         noise = None
         if stochastic:
             key, start = info[_KEY].to(torch.int64), info[_START].to(torch.int64)
@@ -247,34 +252,41 @@ def chunk_step(
         ef_min.copy_(lo)
         ef_max.copy_(hi)
     # Lines 9-11: moments from the window with the new row in place of row (t - 1) mod m.
-    rows = torch.arange(window_size, device=device)
-    is_new = (rows == row).unsqueeze(1)
-    indices = torch.where(is_new, new_idx.unsqueeze(0), window_indices)
-    values = torch.where(is_new, new_val.unsqueeze(0), window_values).to(dtype)
-    ages = torch.remainder(t - 1 - rows.to(torch.float64), window_size)
+    rows_ = torch.arange(window_size, device=device)
+    is_new = (rows_ == row).unsqueeze(1)
+    ages = torch.remainder(t - 1 - rows_.to(torch.float64), window_size)
     decay1 = torch.pow(beta1, ages).to(dtype).unsqueeze(1)
     decay2 = torch.pow(beta2, ages).to(dtype).unsqueeze(1)
-    pos = (indices.to(torch.int64) + block_start).reshape(-1)
-    moment1 = torch.zeros(n, dtype=dtype, device=device).index_add(
-        0, pos, (values * decay1).reshape(-1)
-    )
-    moment2 = torch.zeros(n, dtype=dtype, device=device).index_add(
-        0, pos, (values.square() * decay2).reshape(-1)
-    )
+    moment1 = torch.zeros(n, dtype=dtype, device=device)
+    moment2 = torch.zeros(n, dtype=dtype, device=device)
+    entries = []
+    out = []
+    for (idx, vals), offset, old_idx, old_vals in zip(
+        new_rows, positions, window_indices, window_values, strict=True
+    ):
+        vals = vals.reshape(-1).to(old_vals.dtype)
+        out += [idx.reshape(-1), vals]
+        indices = torch.where(is_new, idx.reshape(1, -1), old_idx)
+        values = torch.where(is_new, vals.unsqueeze(0), old_vals).to(dtype)
+        pos = (indices.to(torch.int64) + offset).reshape(-1)
+        moment1 = moment1.index_add(0, pos, (values * decay1).reshape(-1))
+        moment2 = moment2.index_add(0, pos, (values.square() * decay2).reshape(-1))
+        entries.append(pos)
     bias1 = ((1.0 - beta1) / (1.0 - torch.pow(beta1, t))).to(dtype)
     bias2 = ((1.0 - beta2) / (1.0 - torch.pow(beta2, t))).to(dtype)
-    m_hat = moment1[pos] * bias1
-    v_hat = moment2[pos] * bias2
-    denom = v_hat.sqrt() + eps
-    u_at = torch.where(denom > 0, m_hat / denom, 0.0)
-    u = torch.zeros(n, dtype=dtype, device=device).index_put((pos,), u_at)
+    u = torch.zeros(n, dtype=dtype, device=device)
+    for pos in entries:
+        m_hat = moment1[pos] * bias1
+        v_hat = moment2[pos] * bias2
+        denom = v_hat.sqrt() + eps
+        u = u.index_put((pos,), torch.where(denom > 0, m_hat / denom, 0.0))
     # Line 12 with decoupled weight decay.
     work = param.to(dtype)
     if weight_decay != 0:
         work = work * (1.0 - lr * weight_decay).to(dtype)
     work = work - lr.to(dtype) * u
     param.copy_(work.to(param.dtype))
-    return new_idx, new_val
+    return out
 
 
 def _info_table(rows: list[list[float]], device: torch.device) -> torch.Tensor:
@@ -311,54 +323,59 @@ def micro_adam_multi_step_(
     checks :func:`unsupported_reason` first."""
     from microadam.optim import micro_adam as pure
 
+    for state in states:  # before anything changes
+        if int(state["step"].item()) >= pure.MAX_STEPS:
+            raise RuntimeError(pure._too_many_steps(int(state["step"].item())))
     lr_value = float(lr) if not isinstance(lr, torch.Tensor) else None
     step_fn = _compiled_chunk_step()
     b, q, bits, m = topk_block_size, quant_block_size, quant_bits, window_size
-    for param, grad, state in zip(params, grads, states, strict=True):
-        step = int(state["step"].item()) + 1
-        if step > pure.MAX_STEPS:
-            raise RuntimeError(pure._too_many_steps(step - 1))
-        d = param.numel()
-        layout = topk_layout(d, b, density)
-        unit = math.lcm(b, q, 2) if error_feedback else math.lcm(b, 2)
-        chunk = unit * max(1, pure.chunk_length(param.device) // unit)
-        row = (step - 1) % m
-        key = 0
-        if rounding == "stochastic":
-            key = noise_key(int(state["rng_seed"].item()), step)
-        # A tensor lr is read here, once per parameter; a float costs nothing.
-        rate = lr_value if lr_value is not None else float(lr)
-        starts = list(range(0, d, chunk))
-        info = _info_table([[step, row, key, rate, s] for s in starts], param.device)
-        flat_grad = grad.detach().reshape(-1)
-        target = param if param.is_contiguous() else param.contiguous()
-        flat_param = target.detach().view(-1)
-        win_idx, win_val = state["window_indices"], state["window_values"]
-        for i, start in enumerate(starts):
-            end = min(d, start + chunk)
-            j0, j1 = start // b, -(-end // b)
-            c0, c1 = layout.columns(j0, j1)
-            num_full = min(j1, layout.num_full) - j0
-            tail = (end - start) - num_full * b
-            ef = {}
-            if error_feedback:
-                codes = state["ef_codes"]
-                ef = dict(
-                    codes=codes[start // 2 : (end + 1) // 2] if bits == 4 else codes[start:end],
-                    ef_min=state["ef_min"][start // q : -(-end // q)],
-                    ef_max=state["ef_max"][start // q : -(-end // q)],
-                )
-            with torch._dynamo.config.patch(
-                recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-            ):
-                new_idx, new_val = step_fn(
+    # One graph per last-chunk length and setting: a model may need more than dynamo's
+    # default limit, past which it would run the function uncompiled.
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for param, grad, state in zip(params, grads, states, strict=True):
+            step = int(state["step"].item()) + 1
+            d = param.numel()
+            layout = topk_layout(d, b, density)
+            unit = math.lcm(b, q, 2) if error_feedback else math.lcm(b, 2)
+            chunk = unit * max(1, pure.chunk_length(param.device) // unit)
+            row = (step - 1) % m
+            key = 0
+            if rounding == "stochastic":
+                key = noise_key(int(state["rng_seed"].item()), step)
+            # A tensor lr is read here, once per parameter; a float costs nothing.
+            rate = lr_value if lr_value is not None else float(lr)
+            starts = list(range(0, d, chunk))
+            info = _info_table([[step, row, key, rate, s] for s in starts], param.device)
+            flat_grad = grad.detach().reshape(-1)
+            target = param if param.is_contiguous() else param.contiguous()
+            flat_param = target.detach().view(-1)
+            win_idx, win_val = state["window_indices"], state["window_values"]
+            for i, start in enumerate(starts):
+                end = min(d, start + chunk)
+                j0, j1 = start // b, -(-end // b)
+                c0, c1 = layout.columns(j0, j1)
+                num_full = min(j1, layout.num_full) - j0
+                tail = (end - start) - num_full * b
+                ef = {}
+                if error_feedback:
+                    codes = state["ef_codes"]
+                    ef = dict(
+                        codes=codes[start // 2 : (end + 1) // 2] if bits == 4 else codes[start:end],
+                        ef_min=state["ef_min"][start // q : -(-end // q)],
+                        ef_max=state["ef_max"][start // q : -(-end // q)],
+                    )
+                # Window columns per segment: the full blocks', then the short block's.
+                cuts = [c0, c0 + num_full * layout.k_block, c1]
+                spans = [(x, y) for x, y in itertools.pairwise(cuts) if y > x]
+                new_rows = step_fn(
                     flat_grad[start:end],
                     flat_param[start:end],
                     ef.get("codes"),
                     ef.get("ef_min"),
                     ef.get("ef_max"),
-                    win_idx[:, c0:c1].contiguous(),
-                    win_val[:, c0:c1].contiguous(),
+                    [win_idx[:, x:y].contiguous() for x, y in spans],
+                    [win_val[:, x:y].contiguous() for x, y in spans],
                     info[i],
                     block=b,
                     num_full=num_full,
@@ -375,8 +392,11 @@ def micro_adam_multi_step_(
                     weight_decay=float(weight_decay),
                     window_size=m,
                 )
-            win_idx[row, c0:c1] = new_idx
-            win_val[row, c0:c1] = new_val
-        if target is not param:
-            param.copy_(target)
-        state["step"] += 1
+                for (x, y), new_idx, new_val in zip(
+                    spans, new_rows[::2], new_rows[1::2], strict=True
+                ):
+                    win_idx[row, x:y] = new_idx
+                    win_val[row, x:y] = new_val
+            if target is not param:
+                param.copy_(target)
+            state["step"] += 1
