@@ -371,19 +371,22 @@ def test_kernel_step_numbers_match_pure_for_any_seed_and_step(seed, step, fused_
     assert ulp_distance(p_fused, p_pure) <= 2
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, "compiled"])
 def test_step_count_stops_at_float32s_last_exact_integer(fused, fused_kernel):
     p = torch.nn.Parameter(torch.randn(300))
-    opt = MicroAdam([p], fused=fused)
+    fresh = torch.nn.Parameter(torch.randn(10))  # its state made at the refused step goes
+    opt = MicroAdam([p, fresh], fused=fused)
     p.grad = torch.randn(300)
     opt.step()
     opt.state[p]["step"].fill_(2.0**24 - 2)
     opt.step()  # step 2^24 - 1: the last one
+    fresh.grad = torch.randn(10)
     x, st = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
     with pytest.raises(RuntimeError, match=r"step count is 16777215.*at most 16777215 steps"):
         opt.step()
     assert torch.equal(p, x)
     assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+    assert len(opt.state[fresh]) == 0
 
 
 # -- dispatch, fallback, checkpoints, policies -----------------------------------------

@@ -25,9 +25,9 @@ Exactness: the state it writes (window indices and values, codes, bucket ranges)
 for bit the pure step's on tie-free inputs. That needs ``emulate_precision_casts`` (without
 it inductor drops the bf16 rounding of a bucket's range before using it, and codes move)
 and, on CUDA, IEEE division and no flush of denormals (:data:`COMPILE_OPTIONS`). The
-parameters agree to a few ulp: the pure step's ``add_(u, alpha=-lr)`` is a fused
-multiply-add where torch vectorizes it and two roundings elsewhere, and scatter-adds may
-sum in another order on a GPU.
+parameters agree up to the rounding of the update: the pure step's ``add_(u, alpha=-lr)``
+is a fused multiply-add, which inductor emits on CUDA but not on the CPU (where the compiled
+update rounds twice), and scatter-adds may sum in another order on a GPU.
 
 Not covered (the caller falls back to the pure step): tensor subclasses, and block sizes
 whose ``lcm(topk_block_size, quant_block_size)`` needs the pure step's two-pass
@@ -284,7 +284,10 @@ def chunk_step(
     work = param.to(dtype)
     if weight_decay != 0:
         work = work * (1.0 - lr * weight_decay).to(dtype)
-    work = work - lr.to(dtype) * u
+    # addcmul: inductor emits a fused multiply-add for it on CUDA, as eager CUDA and the
+    # vectorized CPU loops of ``add_(u, alpha=-lr)`` compute it; on the CPU it rounds
+    # twice, a last-bit difference in the parameters only.
+    work = torch.addcmul(work, u, -lr.to(dtype))
     param.copy_(work.to(param.dtype))
     return out
 

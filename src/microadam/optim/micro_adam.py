@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -492,6 +492,17 @@ class MicroAdam(Optimizer):
         ``MICROADAM_DISABLE_FUSED=1`` (read once per process) turns the kernel off.
 
     .. note::
+        GPUs. On CUDA, ``fused=None`` takes the fused Triton kernel
+        (:mod:`microadam.kernels.micro_adam_triton`) where it applies, else the compiled
+        step (:mod:`microadam.kernels.micro_adam_compiled`, ``torch.compile`` of the pure
+        step's chunk, compiled on the first step), else the pure step. None of them waits
+        for the device inside a step: the only host read is the one non-finite check of
+        all gradients, ``step`` and ``rng_seed`` stay CPU tensors, and the pure step's
+        decay weights are cached on the device. Every path keeps the same state, bit for
+        bit on tie-free inputs, whatever the GPU model, so checkpoints move between paths
+        and devices (docs/gpu.md).
+
+    .. note::
         Distributed training. Under DDP every rank holds the same averaged gradient and
         steps the same replica; MicroAdam needs nothing special (measured: bit-identical to
         one process on the global batch for 150 steps, ``tests/distributed``). Under FSDP2
@@ -759,6 +770,12 @@ class MicroAdam(Optimizer):
             batches.setdefault((id(group), path), (group, []))[1].append((lp, lg, state))
             if path == "cpu" and not _sharding.is_dtensor(p):
                 to_check.append((p, lg))
+        for _, items in batches.values():
+            for _, _, state in items:
+                if int(state["step"].item()) >= MAX_STEPS:
+                    for p in fresh:
+                        del self.state[p]
+                    raise RuntimeError(_too_many_steps(int(state["step"].item())))
         for (_, path), (group, items) in batches.items():
             params, grads, states = ([item[i] for item in items] for i in range(3))
             hyper = _step_arguments(group)
@@ -799,19 +816,7 @@ class MicroAdam(Optimizer):
         """Which of :data:`PATHS` steps ``p`` (as ``lp`` with gradient ``lg``, its local
         shard if ``p`` is a DTensor); raises if the path ``fused`` asks for cannot take it."""
         mode = group["fused"]
-        if mode is False or mode == "eager":
-            return "eager"
-        device = lp.device.type
-        if mode is None:
-            if device == "cpu":
-                return "cpu" if self._reason("cpu", group, lp, lg) is None else "eager"
-            if device == "cuda":
-                for path in ("triton", "compiled"):
-                    if self._reason(path, group, lp, lg) is None:
-                        return path
-            return "eager"
-        path = mode if isinstance(mode, str) else ("triton" if device == "cuda" else "cpu")
-        reason = self._reason(path, group, lp, lg)
+        path, reason = choose_path(mode, lp.device.type, lambda q: self._reason(q, group, lp, lg))
         if reason is not None:
             raise RuntimeError(
                 f"MicroAdam(fused={mode!r}): the {_PATH_NAMES[path]} does not cover "
@@ -991,6 +996,29 @@ class MicroAdam(Optimizer):
                     # the CPU whatever map_location put them on.
                     device = "cpu" if key in ("step", "rng_seed") else p.device
                     self.state[p][key] = value.detach().to(device=device, copy=True)
+
+
+def choose_path(
+    fused: bool | str | None, device_type: str, reason: Callable[[str], str | None]
+) -> tuple[str, str | None]:
+    """The path that ``fused`` picks on a device of ``device_type``, and why it cannot be
+    taken (None when it can). ``reason(path)`` says why a path does not apply, or None.
+
+    ``fused=None`` falls back along the device's paths, best first, to the pure step: on
+    the CPU the C++ kernel; on CUDA the Triton kernel, then the compiled step; elsewhere
+    the pure step (inductor's support for other devices varies: ask for
+    ``fused="compiled"``). ``True`` is the device's fused kernel, a string that path.
+    """
+    if fused is False or fused == "eager":
+        return "eager", None
+    if fused is None:
+        candidates = {"cpu": ("cpu",), "cuda": ("triton", "compiled")}.get(device_type, ())
+        for path in candidates:
+            if reason(path) is None:
+                return path, None
+        return "eager", None
+    path = fused if isinstance(fused, str) else ("triton" if device_type == "cuda" else "cpu")
+    return path, reason(path)
 
 
 _STEP_ARGUMENTS = (
