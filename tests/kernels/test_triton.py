@@ -53,21 +53,9 @@ BASE = dict(
     value_dtype=torch.bfloat16,
     maximize=False,
 )
-# The group settings micro_adam_multi_step_ takes (value_dtype comes with the state).
-SETTINGS = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "window_size",
-    "density",
-    "topk_block_size",
-    "quant_block_size",
-    "quant_bits",
-    "error_feedback",
-    "rounding",
-    "maximize",
-)
+# The group settings micro_adam_multi_step_ takes (value_dtype comes with the state):
+# those every path's step function takes.
+SETTINGS = ("lr", *micro_adam_module._STEP_ARGUMENTS)
 
 
 @pytest.fixture(autouse=True)

@@ -134,7 +134,11 @@ def test_newton_matches_scipy_newton_cg(name, method):
     # scipy's Newton-CG stops on the step size; 1e-9 makes its solution accurate to ~1e-9
     # (scipy 1.17 reports precision loss on the quadratic at 1e-10, at the same solution).
     ref = sopt.minimize(fun, x0, jac=jac, hess=hess, method="Newton-CG", options={"xtol": 1e-9})
-    ours = minimize(fun_t, torch.tensor(x0), method, tol=min(gtol, 1e-8))
+    # The logistic loss, summed over 569 samples, has a float64 gradient floor near 2e-8
+    # (seen with numpy 2.4 and scikit-learn 1.9: the line search then reports precision
+    # loss at the same solution), so it is asked for its own gtol of 1e-7.
+    tol = gtol if name == "logistic-breast-cancer" else min(gtol, 1e-8)
+    ours = minimize(fun_t, torch.tensor(x0), method, tol=tol)
     _assert_same_solution(ours, ref)
     assert ours.nit <= 1.5 * ref.nit, (ours.nit, ref.nit)
     assert ours.nhev >= 1
