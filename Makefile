@@ -1,5 +1,6 @@
 # The two commands a fresh clone needs (see README):
-#   make demo   - quick bench: MicroAdam vs AdamW vs Adafactor on a byte-level LM (the main job)
+#   make demo   - quick bench: MicroAdam vs AdamW vs Adafactor on a byte-level LM, from
+#                 scratch and fine-tuned from a pretrained model (the main job)
 #   make test   - lint + the whole test suite
 #
 # Torch: if the virtual environment already has torch, it is kept. Otherwise
@@ -28,7 +29,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/microadam bench lm --quick
+	$(BIN)/microadam demo
 
 test: install
 	$(BIN)/ruff check src tests examples

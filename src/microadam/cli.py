@@ -18,12 +18,24 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-WORKLOAD_NAMES = ("rosenbrock", "quadratic", "iris", "breast-cancer", "digits", "lm")
+WORKLOAD_NAMES = ("rosenbrock", "quadratic", "iris", "breast-cancer", "digits", "lm", "finetune")
 
 # Per workload kind: (steps, seeds, lr-grid points) for a full and a --quick run.
-FULL = {"function": (500, 3, 3), "tabular": (500, 3, 3), "lm": (300, 1, 3)}
-QUICK = {"function": (200, 1, 3), "tabular": (200, 1, 2), "lm": (400, 1, 2)}
-KINDS = {"rosenbrock": "function", "quadratic": "function", "lm": "lm"}
+FULL = {
+    "function": (500, 3, 3),
+    "tabular": (500, 3, 3),
+    "lm": (300, 1, 3),
+    "finetune": (1000, 3, 5),
+}
+QUICK = {
+    "function": (200, 1, 3),
+    "tabular": (200, 1, 2),
+    "lm": (400, 1, 2),
+    "finetune": (300, 1, 2),
+}
+KINDS = {"rosenbrock": "function", "quadratic": "function", "lm": "lm", "finetune": "finetune"}
+# What `finetune --quick` (and so `make demo`) compares.
+FINETUNE_QUICK_OPTIMIZERS = ("microadam", "adamw", "adafactor")
 
 # The lm model's sizes for `microadam memory` (see microadam.bench.memory_table).
 MODEL_SIZES = ("small", "medium", "large")
@@ -54,6 +66,21 @@ def _workload_options(args: argparse.Namespace) -> dict[str, Any]:
         if name == "quadratic":
             opts["condition"] = args.condition
         return opts
+    if name == "finetune":
+        from microadam.bench.finetune import FINETUNE_DEFAULT, FINETUNE_QUICK
+
+        opts = {
+            "config": FINETUNE_QUICK if args.quick else FINETUNE_DEFAULT,
+            "context": args.context,
+            "d_model": args.d_model,
+            "n_layer": args.layers,
+            "n_head": args.heads,
+            "batch_size": args.batch_size,
+            "corpus_bytes": args.corpus_bytes,
+            "text_path": args.text,
+            "pretrain_steps": args.pretrain_steps,
+        }
+        return {**opts, "show_progress": not args.quiet}
     if name == "lm":
         from microadam.bench.lm import LM_DEFAULT, LM_QUICK
 
@@ -80,14 +107,19 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     from microadam.bench import plots
     from microadam.bench.report import text_table, write_report
     from microadam.bench.results import save_results
-    from microadam.bench.runner import DEFAULT_OPTIMIZERS, LR_FACTORS, run_bench, split_top_level
+    from microadam.bench.runner import (
+        LR_FACTORS,
+        default_optimizers,
+        run_bench,
+        split_top_level,
+    )
     from microadam.bench.workloads import make_workload
 
     kind = KINDS.get(args.workload, "tabular")
     # One thread unless asked: small models gain little from more, and on a busy machine
     # (or 2 cores shared with other work) OpenMP threads that wait on each other turn a
     # step 10-50x slower. The full lm bench keeps torch's default.
-    threads = args.threads or (0 if kind == "lm" and not args.quick else 1)
+    threads = args.threads or (0 if kind in ("lm", "finetune") and not args.quick else 1)
     if threads:
         torch.set_num_threads(threads)
     steps, seeds, grid = (QUICK if args.quick else FULL)[kind]
@@ -109,7 +141,9 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     names = (
         [n.strip() for n in split_top_level(args.optimizers) if n.strip()]
         if args.optimizers
-        else list(DEFAULT_OPTIMIZERS[workload.kind])
+        else list(FINETUNE_QUICK_OPTIMIZERS)
+        if kind == "finetune" and args.quick
+        else default_optimizers(workload.kind)
     )
     out = Path(args.out or f"microadam-bench/{args.workload}")
     command = "microadam " + shlex.join(argv)
@@ -123,6 +157,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             flush=True,
         )
     t0 = time.perf_counter()
+    if kind == "finetune":
+        workload.weights()  # pretrain (once, then from the cache) before the runs
+        if not args.quiet:
+            print(f"pretrained weights: {workload.pretrained_path}", flush=True)
     try:
         results = run_bench(
             workload,
@@ -190,12 +228,19 @@ def _plot(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace, argv: list[str]) -> int:
-    rest = ["bench", "lm", "--quick"]
-    if args.out:
-        rest += ["--out", args.out]
-    if args.threads:
-        rest += ["--threads", str(args.threads)]
-    return main(rest)
+    """Both regimes, quickly: training from scratch, then fine-tuning a pretrained model."""
+    base = Path(args.out) if args.out else Path("microadam-bench")
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    for workload, title in (
+        ("lm", "from scratch: a byte-level GPT trained on the standard library's source"),
+        ("finetune", "fine-tuning: that model pretrained with AdamW, then tuned on pydoc's "
+         "help text"),
+    ):  # fmt: skip
+        print(f"\n== {title} ==", flush=True)
+        code = main(["bench", workload, "--quick", "--out", str(base / workload), *threads])
+        if code:
+            return code
+    return 0
 
 
 def _memory(args: argparse.Namespace, argv: list[str]) -> int:
@@ -309,12 +354,23 @@ def _add_bench(sub: Any) -> None:
     g.add_argument("--hidden", default=None, help="iris/breast-cancer/digits: hidden sizes, "
                    "e.g. 32,32 ('' for a linear model)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=None, help="tabular and lm batch size")
-    g.add_argument("--text", default=None, metavar="FILE", help="lm: train on this text file")
+    g.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="lm: train on this text file; finetune: fine-tune on it (default pydoc's topics)",
+    )
     g.add_argument("--context", type=int, default=None, help="lm: context length in bytes")
     g.add_argument("--d-model", type=int, default=None, help="lm: model width")
     g.add_argument("--layers", type=int, default=None, help="lm: transformer blocks")
     g.add_argument("--heads", type=int, default=None, help="lm: attention heads")
     g.add_argument("--corpus-bytes", type=int, default=None, help="lm: bytes of stdlib text")
+    g.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="finetune: AdamW pretraining steps (default 8000, --quick 2000; cached)",
+    )
     b.set_defaults(func=_bench)
 
 
@@ -352,8 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--quiet", action="store_true", help="print nothing, show no progress")
     rep.set_defaults(func=_reproduce)
-    demo = sub.add_parser("demo", help="the quick bench: microadam bench lm --quick")
-    demo.add_argument("--out", default=None, help="output folder (default microadam-bench/lm)")
+    demo = sub.add_parser(
+        "demo",
+        help="the quick bench in both regimes: bench lm --quick, then bench finetune --quick",
+    )
+    demo.add_argument(
+        "--out", default=None, help="output folder (default microadam-bench: lm/, finetune/)"
+    )
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default 1)")
     demo.set_defaults(func=_demo)
     from microadam.bench import speed

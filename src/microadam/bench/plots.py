@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from microadam.bench.results import best_runs, finite
+from microadam.bench.results import best_runs, finite, summarize
 
 __all__ = [
     "DPI",
@@ -19,6 +19,7 @@ __all__ = [
     "available",
     "plot_all",
     "plot_curves",
+    "plot_gap_vs_state",
     "plot_lr_grid",
     "plot_state_bytes",
     "plot_trajectories",
@@ -294,6 +295,41 @@ def plot_trajectories(results: dict[str, Any], out_dir: str | Path) -> Path | No
     return path
 
 
+def plot_gap_vs_state(results: dict[str, Any], out_dir: str | Path) -> Path | None:
+    """Fine-tuning: each optimizer's gap to AdamW in the final validation metric against
+    its optimizer-state bytes per parameter (where AdamW ran and the runs report
+    forgetting); the lower left is better."""
+    summary = results.get("summary") or summarize(results)
+    ref = next((s for s in summary if s["optimizer"] == "adamw" and s["status"] == "ok"), None)
+    if ref is None or ref["val"]["median"] is None:
+        return None
+    if not any((s.get("pretrain_val") or {}).get("n") for s in summary):
+        return None
+    points = [
+        (s["optimizer"], s["state_bytes_per_param"], s["val"]["median"] - ref["val"]["median"])
+        for s in summary
+        if s["status"] == "ok" and s["val"]["median"] is not None and s["state_bytes_per_param"]
+    ]
+    plt = pyplot()
+    col = colors([name for name, _, _ in points])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, x, y in points:
+        ax.scatter([x], [y], color=col[name], s=40, zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer-state bytes per parameter (log scale)")
+    w = results["workload"]
+    ax.set_ylabel(f"final val {w['metric']} minus AdamW's")
+    ax.set_title(f"{w['name']}: gap to AdamW against optimizer memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out_dir) / "gap_vs_state_bytes.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Every figure of a bench results document; ``[]`` without matplotlib."""
     if not available():
@@ -306,5 +342,6 @@ def plot_all(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
         plot_state_bytes(results, out_dir),
         plot_lr_grid(results, out_dir),
         plot_trajectories(results, out_dir),
+        plot_gap_vs_state(results, out_dir),
     ]
     return [f for f in figs if f is not None]

@@ -41,38 +41,64 @@ def _spread(stats: dict[str, Any], scale: float = 1.0, digits: int = 4) -> str:
     return f"{med} [{fmt(stats['min'] * scale, digits)}, {fmt(stats['max'] * scale, digits)}]"
 
 
+def _has_forgetting(summary: list[dict[str, Any]]) -> bool:
+    return any((s.get("pretrain_val") or {}).get("n") for s in summary)
+
+
+def _gap_reference(summary: list[dict[str, Any]]) -> float | None:
+    """AdamW's median final validation metric, where AdamW ran (the fine-tuning baseline)."""
+    ref = next((s for s in summary if s["optimizer"] == "adamw" and s["status"] == "ok"), None)
+    return None if ref is None else ref["val"]["median"]
+
+
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:
-    """One row per optimizer at its best lr: medians and [min, max] over seeds."""
+    """One row per optimizer at its best lr: medians and [min, max] over seeds.
+
+    Fine-tuning results also get the metric on the pretraining data after fine-tuning
+    (forgetting) and the gap of the validation metric to AdamW's."""
+    summary = results.get("summary") or summarize(results)
+    forgetting = _has_forgetting(summary)
+    adamw = _gap_reference(summary)
+    width = len(SUMMARY_HEADER) + (2 if forgetting else 0)
     rows = []
-    for s in results.get("summary") or summarize(results):
+    for s in summary:
         if s["status"] != "ok" or s["best_lr"] is None:
             why = s["reason"] or "every lr diverged"
             label = "skipped" if s["status"] == "skipped" else "no result"
-            rows.append([s["optimizer"], "-", "-", "-", "-", "-", "-", "-", f"{label}: {why}"])
+            rows.append([s["optimizer"], *["-"] * (width - 2), f"{label}: {why}"])
             continue
         ok = s["seeds"] - s["diverged"] - s["failed"]
+        extra = []
+        if forgetting:
+            val = s["val"]["median"]
+            gap = val - adamw if finite(val) and finite(adamw) else None
+            extra = [_spread(s["pretrain_val"]), f"{gap:+.3f}" if gap is not None else "-"]
         rows.append([
             s["optimizer"],
             f"{s['best_lr']:g}",
             _spread(s["train"]),
             _spread(s["val"]),
+            *extra,
             _spread(s["val_accuracy"], 100.0, 4),
             _fixed(s["state_bytes_per_param"], 3),
             _fixed(s["peak_rss_mb"], 0),
             _fixed(s["median_step_ms"], 2),
             f"{ok}/{s['seeds']}",
         ])  # fmt: skip
-    if rows and all(r[4] == "-" for r in rows):
+    acc = 6 if forgetting else 4
+    if rows and all(r[acc] == "-" for r in rows):
         for r in rows:
-            del r[4]
+            del r[acc]
     return rows
 
 
 def _header(results: dict[str, Any], rows: list[list[str]]) -> list[str]:
     header = list(SUMMARY_HEADER)
+    metric = results["workload"]["metric"]
+    if _has_forgetting(results.get("summary") or summarize(results)):
+        header[4:4] = [f"pretrain val {metric}", "val - adamw"]
     if rows and len(rows[0]) == len(header) - 1:
         header.remove("val acc %")
-    metric = results["workload"]["metric"]
     return [h.replace("train", f"train {metric}").replace("val", f"val {metric}", 1)
             if h in ("final train", "final val") else h for h in header]  # fmt: skip
 
@@ -173,7 +199,14 @@ def write_report(
         "Median over seeds, [min, max] when seeds differ. State B/param: optimizer-state bytes "
         "per parameter (`microadam.state_bytes`); peak RSS: the process's resident memory, "
         "maximum over step boundaries (includes Python, torch and the data); step ms: median "
-        "`optimizer.step()` time (with its closure evaluations for closure-based methods).",
+        "`optimizer.step()` time (with its closure evaluations for closure-based methods)."
+        + (
+            " Pretrain val: the metric on the pretraining data's validation split after "
+            "fine-tuning (higher means more forgotten); val - adamw: the gap of the median "
+            "final validation metric to AdamW's."
+            if _has_forgetting(results.get("summary") or summarize(results))
+            else ""
+        ),
         "",
         markdown_table(_header(results, rows), rows),
         "",

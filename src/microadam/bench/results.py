@@ -53,6 +53,7 @@ training again. The schema (``"schema": "microadam.bench/1"``)::
            "train": [...], "val": [...],           # whole-split metrics
            "train_accuracy": [...] | null, "val_accuracy": [...] | null},
          "final": {"train", "val", "train_accuracy", "val_accuracy"},  # null if diverged
+         # fine-tuning workloads also report "pretrain_val", in "evals" and "final"
          "num_params": 3356160,
          "state_bytes": 3075268,                   # microadam.memory.state_bytes at the end
          "state_bytes_per_param": 0.916,
@@ -203,6 +204,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             "train": _stats([f.get("train") for f in finals]),
             "val": _stats([f.get("val") for f in finals]),
             "val_accuracy": _stats([f.get("val_accuracy") for f in finals]),
+            "pretrain_val": _stats([f.get("pretrain_val") for f in finals]),
             "state_bytes_per_param": _median([r["state_bytes_per_param"] for r in runs]),
             "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs]),
             "peak_device_mb": _median([r["peak_device_mb"] for r in runs]),

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_OPTIMIZERS",
     "LR_FACTORS",
     "base_hyperparameters",
+    "default_optimizers",
     "environment",
     "lr_values",
     "run_bench",
@@ -73,6 +74,14 @@ BASE_LR: dict[str, dict[str, float]] = {
         "adapprox": 1e-3, "muon": 2e-2, "adamw8bit": 1e-3, "adamw4bit": 1e-3,
         "galore_adamw": 1e-3,
     },
+    # Fine-tuning from a pretrained model: the same centres; the full run's 5-point grid
+    # spans 1.1e-4 to 9e-3 for the Adam family.
+    "finetune": {
+        "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 1e-2, "adadelta": 1.0, "adam": 1e-3,
+        "adamw": 1e-3, "amsgrad": 1e-3, "adafactor": 3e-3, "microadam": 1e-3,
+        "adapprox": 1e-3, "muon": 2e-2, "adamw8bit": 1e-3, "adamw4bit": 1e-3,
+        "galore_adamw": 1e-3,
+    },
 }  # fmt: skip
 
 # Muon's AdamW part (embeddings, head, vectors) relative to its matrices' lr.
@@ -91,9 +100,28 @@ DEFAULT_OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "function": ("microadam", "adam", "sgd", "adagrad", "lbfgs", "newton"),
     "tabular": ("microadam", "adamw", "sgd", "adafactor", "lbfgs"),
     "lm": ("microadam", "adamw", "adafactor"),
+    # The memory-saving peers are added where installed (see default_optimizers).
+    "finetune": ("microadam", "microadam[density=0.1]", "adamw", "adafactor"),
 }
+# Optional peers a fine-tuning bench compares where their packages are installed.
+FINETUNE_PEERS = ("adamw8bit", "adamw4bit", "galore_adamw")
+
+
+def default_optimizers(kind: str) -> list[str]:
+    """The optimizers a workload of ``kind`` compares unless told otherwise."""
+    from microadam.optim.registry import list_optimizers
+
+    names = list(DEFAULT_OPTIMIZERS[kind])
+    if kind == "finetune":
+        installed = set(list_optimizers())
+        names += [n for n in FINETUNE_PEERS if n in installed]
+    return names
+
 
 WARM_UP_STEPS = 2
+
+# What Task.evaluate reports (a workload may leave out the accuracies and pretrain_val).
+EVAL_KEYS = ("train", "val", "train_accuracy", "val_accuracy", "pretrain_val")
 
 # A finite loss this many times its starting value (plus one) ends the run as diverged.
 DIVERGENCE_FACTOR = 1e6
@@ -200,10 +228,11 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
 
     curve: dict[str, list] = {"step": [], "wall_s": [], "train_loss": []}
-    evals: dict[str, list] = {
-        "step": [], "wall_s": [], "train": [], "val": [], "train_accuracy": [],
-        "val_accuracy": [],
-    }  # fmt: skip
+    evals: dict[str, list] = {"step": [], "wall_s": [], **{key: [] for key in EVAL_KEYS}}
+    schedule = None
+    if task.lr_scale is not None:
+        scale_of = task.lr_scale
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: scale_of(i, steps))
     trajectory = [task.point()] if task.point is not None else None
     step_times: list[float] = []
     iter_times: list[float] = []
@@ -217,7 +246,7 @@ def run_one(
         metrics = task.evaluate()
         evals["step"].append(step)
         evals["wall_s"].append(wall)
-        for key in ("train", "val", "train_accuracy", "val_accuracy"):
+        for key in EVAL_KEYS:
             evals[key].append(metrics.get(key))
 
     record_eval(0)
@@ -252,6 +281,8 @@ def run_one(
                 opt.step()
                 _sync(device)
                 step_times.append(time.perf_counter() - ts)
+            if schedule is not None:
+                schedule.step()
         except RuntimeError as err:
             text = str(err)
             status = "diverged" if "non-finite" in text else "failed"
@@ -283,7 +314,7 @@ def run_one(
     final = None
     if status == "ok":
         record_eval(step)
-        final = {k: evals[k][-1] for k in ("train", "val", "train_accuracy", "val_accuracy")}
+        final = {k: evals[k][-1] for k in EVAL_KEYS}
         if not all(finite(v) for v in final.values() if v is not None):
             status, message = "diverged", f"step {step}: non-finite final metrics"
     has_acc = any(v is not None for v in evals["val_accuracy"])
@@ -291,6 +322,10 @@ def run_one(
         evals["train_accuracy"] = evals["val_accuracy"] = None
         if final is not None:
             final["train_accuracy"] = final["val_accuracy"] = None
+    if not any(v is not None for v in evals["pretrain_val"]):  # only fine-tuning has it
+        del evals["pretrain_val"]
+        if final is not None:
+            del final["pretrain_val"]
     num_params = sum(p.numel() for p in task.model.parameters())
     sbytes = state_bytes(opt)
     record = {
@@ -434,7 +469,7 @@ def run_bench(
     if not seeds:
         raise ValueError("Invalid seeds: expected at least one seed")
     # Unknown or uninstalled names fail here, before any training.
-    parsed = [parse_optimizer(n) for n in (optimizers or DEFAULT_OPTIMIZERS[workload.kind])]
+    parsed = [parse_optimizer(n) for n in (optimizers or default_optimizers(workload.kind))]
     labels = [label for label, _, _ in parsed]
     if len(set(labels)) != len(labels):
         raise ValueError(f"Invalid optimizers: {labels} (a name appears twice)")

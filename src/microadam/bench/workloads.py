@@ -59,6 +59,12 @@ class Task:
         point: the current 2-D position, for trajectory plots; ``None`` otherwise.
         metric_scale: converts the training loss into the workload's metric (``1 / ln 2``
             for bits per byte: the model trains on nats, as usual).
+        lr_scale: ``lr_scale(step, total)``, the multiplier of every group's lr at step
+            ``step`` (0-based) of ``total`` (a warm-up and decay schedule); ``None`` for a
+            constant lr.
+
+    ``evaluate`` may also report ``pretrain_val``: for a fine-tuning workload, the metric
+    on the pretraining data's validation split (what fine-tuning forgot).
     """
 
     model: nn.Module
@@ -67,6 +73,7 @@ class Task:
     evaluate: Callable[[], dict[str, float]]
     point: Callable[[], list[float]] | None = None
     metric_scale: float = 1.0
+    lr_scale: Callable[[int, int], float] | None = None
 
 
 class Workload:
@@ -286,6 +293,12 @@ def _lm(**kwargs: Any) -> Workload:
     return LMWorkload(**kwargs)
 
 
+def _finetune(**kwargs: Any) -> Workload:
+    from microadam.bench.finetune import FinetuneWorkload
+
+    return FinetuneWorkload(**kwargs)
+
+
 # name -> constructor; keyword options are passed through (see the CLI's workload options).
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "rosenbrock": lambda **kw: FunctionWorkload("rosenbrock", **kw),
@@ -294,6 +307,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "breast-cancer": lambda **kw: TabularWorkload("breast-cancer", **kw),
     "digits": lambda **kw: TabularWorkload("digits", **kw),
     "lm": _lm,
+    "finetune": _finetune,
 }
 
 
