@@ -71,6 +71,123 @@ def test_bias_correction_uses_the_full_step_count():
     assert 6.5 < limit < 6.55
 
 
+def _steps_of(bias_correction, g, steps, **kw):
+    """The update p_{t-1} - p_t of each step of MicroAdam on the constant gradient g."""
+    p = torch.nn.Parameter(torch.zeros_like(g))
+    opt = MicroAdam([p], bias_correction=bias_correction, **kw)
+    out = []
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        out.append(before - p.detach())
+    return out
+
+
+def test_window_bias_correction_keeps_adams_steady_step():
+    # Density 1, a constant gradient g: every row of the window holds g, so after t steps
+    # M = sum_{a < n} b1^a g = g (1 - b1^n) / (1 - b1) and S = g^2 (1 - b2^n) / (1 - b2),
+    # n = min(t, m) rows. "window" divides by 1 - b^n: m_hat = g, v_hat = g^2, and every
+    # step is lr g / (|g| + eps), Adam's (lr sign(g) up to eps), before and after t = m.
+    # "full" divides by 1 - b^t: from t > m the step is
+    # lr g (1 - b1^m) / (1 - b1^t) / (|g| sqrt((1 - b2^m) / (1 - b2^t)) + eps),
+    # 2.78x Adam's at t = 200, m = 10 (6.53x in the limit).
+    lr, eps, m, t = 1e-2, 1e-8, 10, 200
+    b1, b2 = 0.9, 0.999
+    g = torch.tensor([0.5, -2.0, 3e-3, -7.0, 1.0], dtype=torch.float64)
+    kw = dict(lr=lr, eps=eps, density=1.0, window_size=m, value_dtype=torch.float64)
+    window = _steps_of("window", g, t, **kw)
+    full = _steps_of("full", g, t, **kw)
+    adam_step = lr * g / (g.abs() + eps)
+    for i in (0, m - 2, m - 1, m, t - 1):  # t = 1, m - 1, m, m + 1, 200
+        torch.testing.assert_close(window[i], adam_step, rtol=0, atol=1e-12)
+    # The same trajectory as torch's Adam on the same gradients.
+    q = torch.nn.Parameter(torch.zeros_like(g))
+    adam = torch.optim.Adam([q], lr=lr, eps=eps)
+    for _ in range(t):
+        q.grad = g.clone()
+        adam.step()
+    torch.testing.assert_close(-q.detach(), sum(window), rtol=0, atol=1e-12)
+    # Up to t = m the two settings are the same; then "full" takes larger steps.
+    for i in range(m):
+        assert torch.equal(full[i], window[i]), i
+    c1 = (1 - b1**m) / (1 - b1**t)
+    c2 = math.sqrt((1 - b2**m) / (1 - b2**t))
+    expected_full = lr * g * c1 / (g.abs() * c2 + eps)
+    torch.testing.assert_close(full[-1], expected_full, rtol=0, atol=1e-12)
+    ratio = (full[-1] / window[-1]).max().item()
+    assert ratio == pytest.approx(2.779920595, rel=1e-8)  # measured: 2.7799 at t = 200
+    assert (full[-1] / window[-1]).min().item() > 2.77
+
+
+@pytest.mark.parametrize("bias_correction", ["full", "window"])
+def test_bias_correction_is_a_per_group_setting_saved_in_state_dicts(bias_correction):
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = MicroAdam(
+        [{"params": [a]}, {"params": [b], "bias_correction": "window"}],
+        bias_correction=bias_correction,
+    )
+    assert opt.defaults["bias_correction"] == bias_correction
+    assert [g["bias_correction"] for g in opt.param_groups] == [bias_correction, "window"]
+    sd = opt.state_dict()
+    assert [g["bias_correction"] for g in sd["param_groups"]] == [bias_correction, "window"]
+    other = "window" if bias_correction == "full" else "full"
+    fresh = MicroAdam(
+        [{"params": [torch.nn.Parameter(torch.zeros(3))]} for _ in range(2)],
+        bias_correction=other,
+    )
+    fresh.load_state_dict(sd)
+    assert [g["bias_correction"] for g in fresh.param_groups] == [bias_correction, "window"]
+
+
+def test_state_dict_saved_before_bias_correction_existed_loads_as_full():
+    torch.manual_seed(0)
+    kw = dict(lr=1e-2, density=1.0, window_size=3, topk_block_size=64)
+    g = [torch.randn(100) for _ in range(8)]
+    params = [torch.nn.Parameter(torch.randn(100)) for _ in range(3)]
+    old = MicroAdam([params[0]], **kw)
+    for grad in g[:4]:
+        params[0].grad = grad.clone()
+        old.step()
+    sd = old.state_dict()
+    for group in sd["param_groups"]:
+        del group["bias_correction"]  # as written before the option existed
+    sd = _roundtrip(sd)
+    # Into an optimizer built with "window", and one with the default.
+    loaded = []
+    for i, setting in ((1, "window"), (2, "full")):
+        params[i].data.copy_(params[0].detach())
+        opt = MicroAdam([params[i]], **kw, bias_correction=setting)
+        opt.load_state_dict(sd)
+        assert opt.param_groups[0]["bias_correction"] == "full"
+        loaded.append(opt)
+    for grad in g[4:]:  # steps 5..8 > m: "window" would step differently
+        for p, opt in zip(params, [old, *loaded], strict=True):
+            p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(params[1], params[0]) and torch.equal(params[2], params[0])
+    # A pickled optimizer from before the option also steps as "full" (and can grow).
+    state = {
+        "defaults": {k: v for k, v in old.defaults.items() if k != "bias_correction"},
+        "state": old.state,
+        "param_groups": [
+            {k: v for k, v in g.items() if k != "bias_correction"} for g in old.param_groups
+        ],
+    }
+    revived = MicroAdam.__new__(MicroAdam)
+    revived.__setstate__(state)
+    assert revived.param_groups[0]["bias_correction"] == "full"
+    revived.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert revived.param_groups[1]["bias_correction"] == "full"
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 # -- 4. state_dict determinism --------------------------------------------------------------
 
 
@@ -308,6 +425,18 @@ def test_non_finite_gradient_raises_and_changes_nothing(bad):
             "Invalid value_dtype: torch.int8 (expected a floating torch.dtype)",
         ),
         (dict(maximize=1), "Invalid maximize: 1 (expected True or False)"),
+        (
+            dict(bias_correction="Window"),
+            "Invalid bias_correction: 'Window' (expected 'full' or 'window')",
+        ),
+        (
+            dict(bias_correction=None),
+            "Invalid bias_correction: None (expected 'full' or 'window')",
+        ),
+        (
+            dict(bias_correction=True),
+            "Invalid bias_correction: True (expected 'full' or 'window')",
+        ),
     ],
 )
 def test_invalid_hyperparameters_name_argument_and_value(kwargs, message):
