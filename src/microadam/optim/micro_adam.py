@@ -312,7 +312,7 @@ def micro_adam_step_(
     the two-pass path); on the CPU chunks are capped at ``CPU_CHUNK_SIZE``. Off the CPU
     the step never waits for the device: ``step`` and ``rng_seed`` are host tensors, the
     decay weights come from a cache on the device, and no value is read back. The steps
-    follow the design page (docs: ``microadam.md``), numbered as in Alg. 1 of the paper.
+    follow the design page (``docs/microadam.md``), numbered as in Alg. 1 of the paper.
     ``bias_correction`` is the optimizer's (``"full"`` or ``"window"``).
     """
     if bias_correction not in BIAS_CORRECTIONS:  # before anything is written
