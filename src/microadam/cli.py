@@ -18,7 +18,10 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-WORKLOAD_NAMES = ("rosenbrock", "quadratic", "iris", "breast-cancer", "digits", "lm", "finetune")
+WORKLOAD_NAMES = (
+    "rosenbrock", "quadratic", "iris", "breast-cancer", "digits", "lm", "finetune",
+    "finetune-digits",
+)  # fmt: skip
 
 # Per workload kind: (steps, seeds, lr-grid points) for a full and a --quick run.
 FULL = {
@@ -33,7 +36,17 @@ QUICK = {
     "lm": (400, 1, 2),
     "finetune": (300, 1, 2),
 }
-KINDS = {"rosenbrock": "function", "quadratic": "function", "lm": "lm", "finetune": "finetune"}
+KINDS = {
+    "rosenbrock": "function", "quadratic": "function", "lm": "lm", "finetune": "finetune",
+    "finetune-digits": "finetune",
+}  # fmt: skip
+# The workload options (dest, flag) of the lm and function workloads, which finetune-digits
+# refuses rather than ignores.
+_NOT_FOR_DIGITS = (
+    ("context", "--context"), ("d_model", "--d-model"), ("layers", "--layers"),
+    ("heads", "--heads"), ("corpus_bytes", "--corpus-bytes"), ("text", "--text"),
+    ("dim", "--dim"), ("condition", "--condition"),
+)  # fmt: skip
 # What `finetune --quick` (and so `make demo`) compares.
 FINETUNE_QUICK_OPTIMIZERS = ("microadam", "adamw", "adafactor")
 
@@ -59,8 +72,27 @@ def parse_hp(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _hidden(args: argparse.Namespace) -> tuple[int, ...] | None:
+    if args.hidden is None:
+        return None
+    return tuple(int(h) for h in args.hidden.split(",") if h.strip())
+
+
 def _workload_options(args: argparse.Namespace) -> dict[str, Any]:
     name = args.workload
+    if name == "finetune-digits":
+        given = [flag for dest, flag in _NOT_FOR_DIGITS if getattr(args, dest) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply to "
+                "finetune-digits (its options: --hidden, --batch-size, --pretrain-steps)"
+            )
+        return {
+            "hidden": _hidden(args),
+            "batch_size": args.batch_size,
+            "pretrain_steps": args.pretrain_steps,
+            "show_progress": not args.quiet,
+        }
     if name in ("rosenbrock", "quadratic"):
         opts = {"dim": args.dim}
         if name == "quadratic":
@@ -95,10 +127,7 @@ def _workload_options(args: argparse.Namespace) -> dict[str, Any]:
             "corpus_bytes": args.corpus_bytes,
             "text_path": args.text,
         }
-    hidden = None
-    if args.hidden is not None:
-        hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    return {"hidden": hidden, "batch_size": args.batch_size}
+    return {"hidden": _hidden(args), "batch_size": args.batch_size}
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
@@ -118,8 +147,9 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     kind = KINDS.get(args.workload, "tabular")
     # One thread unless asked: small models gain little from more, and on a busy machine
     # (or 2 cores shared with other work) OpenMP threads that wait on each other turn a
-    # step 10-50x slower. The full lm bench keeps torch's default.
-    threads = args.threads or (0 if kind in ("lm", "finetune") and not args.quick else 1)
+    # step 10-50x slower. The full lm and finetune benches (a transformer) keep torch's
+    # default; finetune-digits (an MLP of 25k parameters) ran 13x slower on 2 threads.
+    threads = args.threads or (0 if args.workload in ("lm", "finetune") and not args.quick else 1)
     if threads:
         torch.set_num_threads(threads)
     steps, seeds, grid = (QUICK if args.quick else FULL)[kind]
@@ -161,6 +191,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         workload.weights()  # pretrain (once, then from the cache) before the runs
         if not args.quiet:
             print(f"pretrained weights: {workload.pretrained_path}", flush=True)
+            if hasattr(workload, "pretrained_summary"):
+                print(workload.pretrained_summary(), flush=True)
     try:
         results = run_bench(
             workload,
@@ -342,7 +374,7 @@ def _add_bench(sub: Any) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch threads (default 1; torch's default for a full lm run)",
+        help="torch threads (default 1; torch's default for a full lm or finetune run)",
     )
     b.add_argument("--out", default=None, help="output folder (default microadam-bench/WORKLOAD)")
     b.add_argument("--quick", action="store_true", help="a short run (lm: a 0.28M-parameter model)")
@@ -352,8 +384,11 @@ def _add_bench(sub: Any) -> None:
     g.add_argument("--condition", type=float, default=None, help="quadratic: condition number")
     g.add_argument("--dim", type=int, default=None, help="rosenbrock/quadratic: dimension")
     g.add_argument("--hidden", default=None, help="iris/breast-cancer/digits: hidden sizes, "
-                   "e.g. 32,32 ('' for a linear model)")  # fmt: skip
-    g.add_argument("--batch-size", type=int, default=None, help="tabular and lm batch size")
+                   "e.g. 32,32 ('' for a linear model); finetune-digits: the pretrained "
+                   "body's (default 128,128)")  # fmt: skip
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="batch size: tabular, lm; finetune, finetune-digits: of the "
+                   "pretraining and the fine-tuning")  # fmt: skip
     g.add_argument(
         "--text",
         default=None,
@@ -369,7 +404,8 @@ def _add_bench(sub: Any) -> None:
         "--pretrain-steps",
         type=int,
         default=None,
-        help="finetune: AdamW pretraining steps (default 8000, --quick 2000; cached)",
+        help="finetune: AdamW pretraining steps (default 8000, --quick 2000); "
+        "finetune-digits: on digits 0-4 (default 1000); cached",
     )
     b.set_defaults(func=_bench)
 

@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneWorkload",
     "cache_dir",
+    "cached_weights",
     "pretrained_weights",
     "pydoc_topics_text",
+    "save_atomic",
     "warmup_linear_decay",
 ]
 
@@ -113,44 +116,63 @@ def _pretrain_key(cfg: FinetuneConfig, corpus: bytes) -> dict[str, Any]:
     }
 
 
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path`` through a temporary file beside it and a rename, so
+    that a concurrent reader sees no file or the whole file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cached_weights(
+    stem: str, key: dict[str, Any], train: Callable[[Path], dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    """Pretrained weights kept in ``cache_dir()/pretrained/STEM-DIGEST.pt``, where DIGEST
+    hashes ``key`` (every setting that shapes the weights; JSON-ready): loaded when the file
+    holds that ``key``, else made by ``train(path)`` and stored atomically. Returns
+    ``(state_dict, path, trained_now)``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "pretrained" / f"{stem}-{digest}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved["weights"], path, False
+    weights = {k: v.detach().clone() for k, v in train(path).items()}
+    save_atomic({"key": key, "weights": weights}, path)
+    return weights, path, True
+
+
 def pretrained_weights(
     cfg: FinetuneConfig, corpus: bytes, show_progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], Path, bool]:
     """TinyGPT weights after ``cfg.pretrain_steps`` AdamW steps on ``corpus``: from the
     cache when a run with the same settings made them, else trained now (with a progress
     line) and stored. Returns ``(state_dict, path, trained_now)``."""
-    key = _pretrain_key(cfg, corpus)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "pretrained" / f"tinygpt-{digest}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
-            return saved["weights"], path, False
-    m = cfg.model
-    corpus_split = ByteCorpus(corpus, m.context, m.val_fraction, seed=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = TinyGPT(m.context, m.d_model, m.n_layer, m.n_head)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_linear_decay(s, cfg.pretrain_steps, cfg.pretrain_warmup)
-    )
-    desc = f"pretraining with AdamW (cached afterwards in {path.parent})"
-    with Progress(cfg.pretrain_steps, desc, enabled=show_progress) as progress:
-        for _ in range(cfg.pretrain_steps):
-            x, y = corpus_split.train_batch(m.batch_size)
-            loss = model(x, y)[1]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            progress.update()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save({"key": key, "weights": weights}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent run sees no file or the whole file
-    return weights, path, True
+
+    def train(path: Path) -> dict[str, torch.Tensor]:
+        m = cfg.model
+        corpus_split = ByteCorpus(corpus, m.context, m.val_fraction, seed=0)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = TinyGPT(m.context, m.d_model, m.n_layer, m.n_head)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_linear_decay(s, cfg.pretrain_steps, cfg.pretrain_warmup)
+        )
+        desc = f"pretraining with AdamW (cached afterwards in {path.parent})"
+        with Progress(cfg.pretrain_steps, desc, enabled=show_progress) as progress:
+            for _ in range(cfg.pretrain_steps):
+                x, y = corpus_split.train_batch(m.batch_size)
+                loss = model(x, y)[1]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+                progress.update()
+        return model.state_dict()
+
+    return cached_weights("tinygpt", _pretrain_key(cfg, corpus), train)
 
 
 def _bits_per_byte(model, corpus: ByteCorpus, split: str, batch: int, batches: int, device):

@@ -318,6 +318,11 @@ def plot_gap_vs_state(results: dict[str, Any], out_dir: str | Path) -> Path | No
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([0.03, 0.1, 0.3, 1, 3, 10, 30]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("optimizer-state bytes per parameter (log scale)")
     w = results["workload"]
     ax.set_ylabel(f"final val {w['metric']} minus AdamW's")

@@ -142,15 +142,31 @@ def validate_results(results: dict[str, Any]) -> None:
             raise ValueError(f"Invalid results: optimizer {opt.get('name')!r} has a bad status")
 
 
+# Significant digits kept for the per-step curves and evaluations: what the figures need,
+# and a third of the file size of full precision (a 105-run fine-tuning bench writes 2.5 MB
+# instead of 6.9). Final metrics and everything else keep full precision.
+CURVE_DIGITS = 6
+
+
+def _rounded(values: Any) -> Any:
+    if isinstance(values, list):
+        return [float(f"{v:.{CURVE_DIGITS}g}") if isinstance(v, float) else v for v in values]
+    return values
+
+
 def save_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Write ``results`` (with a fresh ``summary``) as JSON; return the path."""
+    """Write ``results`` (with a fresh ``summary``) as compact JSON; return the path."""
     results = dict(results)
     results["summary"] = summarize(results)
     clean = _clean(results)
     validate_results(clean)
+    for run in clean["runs"]:
+        for series in ("curve", "evals"):
+            if isinstance(run.get(series), dict):
+                run[series] = {k: _rounded(v) for k, v in run[series].items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean, indent=1) + "\n")
+    path.write_text(json.dumps(clean, separators=(",", ":")) + "\n")
     return path
 
 

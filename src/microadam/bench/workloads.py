@@ -5,16 +5,18 @@ a function giving the loss of the next training batch, a full-batch training obj
 closure-based optimizers (L-BFGS, BFGS, Newton), and an evaluation on the whole training
 split and on a held-out validation split.
 
-=================  ========  ==========================================================
-name               kind      what
-=================  ========  ==========================================================
-``rosenbrock``     function  Rosenbrock's valley in 2-D from (-1.2, 1); f(x) is the metric
-``quadratic``      function  rotated quadratic, eigenvalues 1/condition .. 1 (``condition``)
-``iris``           tabular   4-16-3 MLP, 150 samples, 3 classes
-``breast-cancer``  tabular   30-16-2 MLP, 569 samples, 2 classes
-``digits``         tabular   64-64-10 MLP, 1797 8x8 images, 10 classes
-``lm``             lm        byte-level GPT on Python's own standard library source
-=================  ========  ==========================================================
+===================  ========  ==========================================================
+name                 kind      what
+===================  ========  ==========================================================
+``rosenbrock``       function  Rosenbrock's valley in 2-D from (-1.2, 1); f(x) is the metric
+``quadratic``        function  rotated quadratic, eigenvalues 1/condition .. 1 (``condition``)
+``iris``             tabular   4-16-3 MLP, 150 samples, 3 classes
+``breast-cancer``    tabular   30-16-2 MLP, 569 samples, 2 classes
+``digits``           tabular   64-64-10 MLP, 1797 8x8 images, 10 classes
+``lm``               lm        byte-level GPT on Python's own standard library source
+``finetune``         finetune  that GPT pretrained with AdamW, fine-tuned on pydoc's help text
+``finetune-digits``  finetune  MLP pretrained on digits 0-4; new head, fine-tuned on 5-9
+===================  ========  ==========================================================
 
 Tabular data are split 80/20 (stratified, fixed split seed 0) and standardized on the
 training part; the metric is cross-entropy in nats, with accuracy beside it. Functions have
@@ -33,7 +35,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from microadam.bench.functions import ROSENBROCK_START, Quadratic, rosenbrock
-from microadam.bench.tabular import TABULAR_DATASETS, TabularData, load_tabular, mlp
+from microadam.bench.tabular import (
+    TABULAR_DATASETS,
+    EpochBatches,
+    TabularData,
+    load_tabular,
+    mlp,
+)
 
 __all__ = [
     "WORKLOADS",
@@ -260,16 +268,10 @@ class TabularWorkload(Workload):
         d = self.data
         x_tr, y_tr = d.x_train.to(device), d.y_train.to(device)
         x_va, y_va = d.x_val.to(device), d.y_val.to(device)
-        gen = torch.Generator().manual_seed(seed)
-        n, bs = len(y_tr), min(self.cfg.batch_size, len(y_tr))
-        order = {"perm": torch.randperm(n, generator=gen), "pos": 0}
+        batches = EpochBatches(len(y_tr), self.cfg.batch_size, torch.Generator().manual_seed(seed))
 
         def batch_loss() -> torch.Tensor:
-            # One epoch is a fresh permutation; a short last batch is dropped.
-            if order["pos"] + bs > n:
-                order["perm"], order["pos"] = torch.randperm(n, generator=gen), 0
-            idx = order["perm"][order["pos"] : order["pos"] + bs].to(device)
-            order["pos"] += bs
+            idx = batches.next().to(device)
             return F.cross_entropy(model(x_tr[idx]), y_tr[idx])
 
         def full_loss() -> torch.Tensor:
@@ -299,6 +301,12 @@ def _finetune(**kwargs: Any) -> Workload:
     return FinetuneWorkload(**kwargs)
 
 
+def _finetune_digits(**kwargs: Any) -> Workload:
+    from microadam.bench.finetune_digits import DigitsFinetuneWorkload
+
+    return DigitsFinetuneWorkload(**kwargs)
+
+
 # name -> constructor; keyword options are passed through (see the CLI's workload options).
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "rosenbrock": lambda **kw: FunctionWorkload("rosenbrock", **kw),
@@ -308,6 +316,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "digits": lambda **kw: TabularWorkload("digits", **kw),
     "lm": _lm,
     "finetune": _finetune,
+    "finetune-digits": _finetune_digits,
 }
 
 
