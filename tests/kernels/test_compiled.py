@@ -62,13 +62,6 @@ CASES = {
         [(1500,), (3,)],
         dict(rounding="stochastic", quant_bits=8, value_dtype=torch.float32, eps=0.0),
     ),
-    # bias_correction="window": min(t, m) in-graph; the 12 steps at m = 4 cover t < m,
-    # t = m and t > m with no recompile.
-    "f32-window-bias-wd": (
-        torch.float32,
-        [(1500,), ()],
-        dict(bias_correction="window", weight_decay=0.05),
-    ),
     "f32-no-error-feedback-tensor-lr": (
         torch.float32,
         [(2100,)],

@@ -52,7 +52,6 @@ BASE = dict(
     rounding="nearest",
     value_dtype=torch.bfloat16,
     maximize=False,
-    bias_correction="full",
 )
 # The group settings micro_adam_multi_step_ takes (value_dtype comes with the state):
 # those every path's step function takes.
@@ -166,11 +165,6 @@ CASES = {
         eps=0.0,
     ),
     "non-contiguous-param": dict(shapes=[(20, 15)], transpose=(0,), weight_decay=0.01),
-    # bias_correction="window": host corrections with min(t, m), m = 4 over 12 steps; a
-    # parameter that skips steps runs behind (its own t) in a launch of its own.
-    "window-bias-skips": dict(
-        shapes=[(300,), (7,), ()], skip_every={1: 3}, bias_correction="window", weight_decay=0.01
-    ),
     # Several tensors in one launch; the ones without a gradient on some steps fall behind
     # and take launches of their own.
     "many-tensors-grad-skips": dict(

@@ -58,7 +58,6 @@ BASE = dict(
     rounding="nearest",
     value_dtype=torch.bfloat16,
     maximize=False,
-    bias_correction="full",
 )
 
 
@@ -141,35 +140,6 @@ CASES = {
     "window-1": Case([group([(300,)], window_size=1)]),
     "value-dtype-f32": Case([group([(1000,)], value_dtype=torch.float32, window_size=4)]),
     "density-1": Case([group([(300,)], density=1.0, topk_block_size=100, window_size=4)]),
-    # bias_correction="window": 1 - beta^min(t, m). At m = 10 the 30 steps cover t < m,
-    # t = m and t > m; m = 4 wraps the window several times (float64, exact values).
-    "window-bias": Case([group([(1000,), ()], bias_correction="window")]),
-    "window-bias-f64-wraps": Case(
-        [
-            group(
-                [(900,)],
-                torch.float64,
-                value_dtype=torch.float64,
-                window_size=4,
-                density=0.05,
-                bias_correction="window",
-            )
-        ]
-    ),
-    "window-bias-bf16-stochastic-wd": Case(
-        [
-            group(
-                [(650,)],
-                torch.bfloat16,
-                topk_block_size=200,
-                window_size=6,
-                weight_decay=0.05,
-                rounding="stochastic",
-                bias_correction="window",
-            )
-        ],
-        seed=1,  # as "bf16-params": seed 0 has a Top-K tie
-    ),
     "two-groups": Case(
         [
             group(
@@ -196,16 +166,11 @@ CASES = {
                 maximize=True,
                 window_size=6,
             ),
-            group([(500,)], lr=torch.tensor(5e-3), error_feedback=False, bias_correction="window"),
+            group([(500,)], lr=torch.tensor(5e-3), error_feedback=False),
         ]
     ),
     # A parameter without gradient is skipped and its step does not advance.
     "grad-none-skips": Case([group([(300,), (200,)])], skip_every={0: 3, 1: 4}),
-    # Skipped steps: each parameter's own t decides min(t, m).
-    "grad-none-skips-window-bias": Case(
-        [group([(300,), (200,)], window_size=4, bias_correction="window")],
-        skip_every={0: 3, 1: 4},
-    ),
     "non-contiguous-param": Case([group([(40, 25)])], transpose=(0,)),
     # The two-pass path: lcm(24, 10, 2) = 120 > max(8, 64), so chunks of 48 elements cut the
     # buckets of 10. 501 = 20 * 24 + 21 = 50 * 10 + 1 (odd: padded last nibble).

@@ -71,54 +71,6 @@ def test_required_path_that_does_not_apply_raises_before_anything_changes():
     assert torch.equal(p, before) and len(opt.state[p]) == 0
 
 
-def test_every_paths_step_function_names_every_step_argument():
-    """Each path's step function takes the group settings of ``_STEP_ARGUMENTS`` (and
-    ``lr``) as named parameters, so none is swallowed by a catch-all."""
-    import inspect
-
-    from microadam.kernels import micro_adam_compiled
-
-    functions = [
-        micro_adam_module.micro_adam_step_,
-        micro_adam_cpu.micro_adam_multi_step_,
-        micro_adam_compiled.micro_adam_multi_step_,
-        micro_adam_triton.micro_adam_multi_step_,
-    ]
-    assert "bias_correction" in micro_adam_module._STEP_ARGUMENTS
-    for fn in functions:
-        parameters = inspect.signature(fn).parameters
-        for key in ("lr", *micro_adam_module._STEP_ARGUMENTS):
-            assert key in parameters, (fn.__module__, key)
-            assert parameters[key].kind is inspect.Parameter.KEYWORD_ONLY, (fn.__module__, key)
-
-
-@pytest.mark.parametrize("path", ["eager", "cpu", "compiled", "triton"])
-def test_every_path_refuses_an_unknown_bias_correction(path):
-    from microadam.kernels import micro_adam_compiled
-
-    if path == "eager":
-        step = micro_adam_module.micro_adam_step_
-    else:
-        modules = {"cpu": micro_adam_cpu, "compiled": micro_adam_compiled}
-        step = modules.get(path, micro_adam_triton).micro_adam_multi_step_
-    if path == "cpu" and micro_adam_cpu.unavailable_reason() is not None:
-        pytest.skip("the fused CPU kernel is unavailable here")
-    if path == "triton" and micro_adam_triton.unavailable_reason() is not None:
-        pytest.skip("triton is not installed")
-    p = torch.nn.Parameter(torch.zeros(8))
-    opt = MicroAdam([p], topk_block_size=8, quant_block_size=4)
-    state = opt._init_state(p, opt.param_groups[0])
-    settings = {**micro_adam_module._step_arguments(opt.param_groups[0]), "bias_correction": "x"}
-    before = {k: v.clone() for k, v in state.items()}
-    with pytest.raises(ValueError, match=r"Invalid bias_correction: 'x' \(expected 'full'"):
-        if path == "eager":
-            step(p.detach(), torch.ones(8), state, **settings)
-        else:
-            step([p], [torch.ones(8)], [state], **settings)
-    assert torch.equal(p, torch.zeros(8))
-    assert all(torch.equal(state[k], v) for k, v in before.items())
-
-
 # -- checkpoints across paths ------------------------------------------------------------
 
 STEPS = 10

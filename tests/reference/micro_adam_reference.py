@@ -15,9 +15,7 @@ from the real code, and favours plain data over speed:
 Arithmetic happens on torch tensors of the compute dtype (float32, or float64 for float64
 parameters) so that it rounds exactly as the design page's formulas say; Python floats
 (doubles) are used only where the design page says so (``beta ** age``, the
-bias-correction factors, ``1 - lr * weight_decay``). ``bias_correction="window"`` (an
-option beyond the design page) replaces the step ``t`` of the bias corrections by
-``min(t, m)``.
+bias-correction factors, ``1 - lr * weight_decay``).
 
 Conventions the design page leaves open and that this reference shares with the real
 implementation:
@@ -72,7 +70,6 @@ HYPERPARAMETERS = (
     "rounding",
     "value_dtype",
     "maximize",
-    "bias_correction",
 )
 
 
@@ -270,16 +267,8 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, state: ReferenceStat
         moment1 = moment1 + decay1 * dense
         moment2 = moment2 + decay2 * (dense * dense)
         in_window[idx] = True
-    # The bias corrections: 1 - beta^t ("full", the design page's), or 1 - beta^min(t, m)
-    # ("window": the total weight of m rows, all a window can hold).
-    if h["bias_correction"] == "full":
-        n = t
-    elif h["bias_correction"] == "window":
-        n = min(t, m)
-    else:
-        raise ValueError(f"unknown bias_correction {h['bias_correction']!r}")
-    m_hat = moment1 * ((1.0 - beta1) / (1.0 - beta1**n))
-    v_hat = moment2 * ((1.0 - beta2) / (1.0 - beta2**n))
+    m_hat = moment1 * ((1.0 - beta1) / (1.0 - beta1**t))
+    v_hat = moment2 * ((1.0 - beta2) / (1.0 - beta2**t))
     u = m_hat / (torch.sqrt(v_hat) + h["eps"])
     u = torch.where(in_window, u, torch.zeros((), dtype=dtype))  # no row: u = 0
 

@@ -8,13 +8,10 @@ pairs. With row ``r`` of age ``age_r = (t - 1 - r) mod m`` (0 for the row writte
 
 over the rows whose indices contain ``i``, and the Adam direction is
 
-    m_hat = (1 - beta1) M / (1 - beta1^n),   v_hat = (1 - beta2) S / (1 - beta2^n),
+    m_hat = (1 - beta1) M / (1 - beta1^t),   v_hat = (1 - beta2) S / (1 - beta2^t),
     u = m_hat / (sqrt(v_hat) + eps),
 
-zero for coordinates that appear in no row. The bias correction's exponent ``n`` is the
-step ``t`` (``bias_correction="full"``, the published algorithm) or ``min(t, m)``
-(``"window"``: the number of terms the window can hold, so that a coordinate kept at every
-step moves as far as under Adam); see :func:`bias_correction_exponent`.
+zero for coordinates that appear in no row.
 """
 
 from __future__ import annotations
@@ -23,16 +20,7 @@ import functools
 
 import torch
 
-__all__ = [
-    "BIAS_CORRECTIONS",
-    "bias_correction_exponent",
-    "decay_weights",
-    "window_ages",
-    "window_direction",
-]
-
-# The values of MicroAdam's ``bias_correction``: 1 - beta^t, or 1 - beta^min(t, m).
-BIAS_CORRECTIONS = ("full", "window")
+__all__ = ["decay_weights", "window_ages", "window_direction"]
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -48,16 +36,6 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return x.sqrt()
     return x.double().rsqrt_().reciprocal_().float()
-
-
-def bias_correction_exponent(step: int, window_size: int, bias_correction: str) -> int:
-    """The exponent ``n`` of the bias corrections ``1 - beta ** n`` at step ``step``: the
-    step itself for ``"full"``, ``min(step, window_size)`` for ``"window"``."""
-    if bias_correction == "full":
-        return step
-    if bias_correction == "window":
-        return min(step, window_size)
-    raise ValueError(f"Invalid bias_correction: {bias_correction!r} (expected 'full' or 'window')")
 
 
 def window_ages(step: int, window_size: int) -> list[int]:
@@ -99,7 +77,6 @@ def window_direction(
     betas: tuple[float, float],
     eps: float,
     dtype: torch.dtype,
-    bias_correction: str = "full",
 ) -> torch.Tensor:
     """The dense Adam direction ``u`` (length ``length``, dtype ``dtype``) of one chunk.
 
@@ -113,8 +90,6 @@ def window_direction(
         window_size: ``m``, the number of rows of the full window.
         betas, eps: as in Adam.
         dtype: compute dtype (float32, or float64 for float64 parameters).
-        bias_correction: ``"full"`` divides the moments by ``1 - beta ** step``,
-            ``"window"`` by ``1 - beta ** min(step, window_size)``.
     """
     beta1, beta2 = betas
     device = values.device
@@ -129,9 +104,8 @@ def window_direction(
     # u is 0 outside the window, so it is computed at the window's entries only (about 10%
     # of the chunk at the defaults); a coordinate in several rows gets the same value
     # several times, so writing them all back is deterministic.
-    n = bias_correction_exponent(step, window_size, bias_correction)
-    m_hat = moment1[pos].mul_((1.0 - beta1) / (1.0 - beta1**n))
-    v_hat = moment2[pos].mul_((1.0 - beta2) / (1.0 - beta2**n))
+    m_hat = moment1[pos].mul_((1.0 - beta1) / (1.0 - beta1**step))
+    v_hat = moment2[pos].mul_((1.0 - beta2) / (1.0 - beta2**step))
     denom = _sqrt(v_hat).add_(eps)
     # Entries whose squares underflow have denom 0 when eps == 0: their direction is 0 by
     # definition, never 0/0.

@@ -46,7 +46,6 @@ from torch.utils._triton import has_triton
 
 from microadam.compress.quant import code_levels, mix32, noise_key
 from microadam.compress.topk import topk_layout
-from microadam.compress.window import BIAS_CORRECTIONS
 
 __all__ = [
     "COMPILE_OPTIONS",
@@ -201,7 +200,6 @@ def chunk_step(
     eps: float,
     weight_decay: float,
     window_size: int,
-    window_bias: bool = False,
 ) -> list[torch.Tensor]:
     """One chunk of the pure step (same numbering, same rounding), for ``torch.compile``.
 
@@ -210,11 +208,8 @@ def chunk_step(
     like ``param``. The chunk is one or two segments (its full Top-K blocks, its short last
     block); ``window_indices``/``window_values`` hold, per segment, a contiguous copy of
     its window columns, all ``m`` rows (unwritten rows are zeros and add nothing). ``info``
-    is the chunk's row of per-step numbers (t, row, noise key, lr, offset). ``window_bias``
-    (``bias_correction="window"``) takes the bias corrections' exponent as
-    ``min(t, window_size)`` instead of ``t``; a Python bool, so each setting traces its
-    own graph once and steps never recompile. Returns the new window row of each segment,
-    indices then values, for the caller to store.
+    is the chunk's row of per-step numbers (t, row, noise key, lr, offset). Returns the new
+    window row of each segment, indices then values, for the caller to store.
 
     Segments are kept apart rather than concatenated: a coordinate's moments only ever
     come from its own segment's columns, so nothing changes, and inductor (torch 2.13, CPU)
@@ -277,9 +272,8 @@ def chunk_step(
         moment1 = moment1.index_add(0, pos, (values * decay1).reshape(-1))
         moment2 = moment2.index_add(0, pos, (values.square() * decay2).reshape(-1))
         entries.append(pos)
-    exponent = torch.clamp(t, max=float(window_size)) if window_bias else t
-    bias1 = ((1.0 - beta1) / (1.0 - torch.pow(beta1, exponent))).to(dtype)
-    bias2 = ((1.0 - beta2) / (1.0 - torch.pow(beta2, exponent))).to(dtype)
+    bias1 = ((1.0 - beta1) / (1.0 - torch.pow(beta1, t))).to(dtype)
+    bias2 = ((1.0 - beta2) / (1.0 - torch.pow(beta2, t))).to(dtype)
     u = torch.zeros(n, dtype=dtype, device=device)
     for pos in entries:
         m_hat = moment1[pos] * bias1
@@ -325,7 +319,6 @@ def micro_adam_multi_step_(
     error_feedback: bool,
     rounding: str,
     maximize: bool,
-    bias_correction: str,
 ) -> None:
     """One MicroAdam step of several parameters of one param group, chunk by compiled
     chunk. Same contract as :func:`microadam.optim.micro_adam.micro_adam_step_` for each
@@ -333,10 +326,6 @@ def micro_adam_multi_step_(
     checks :func:`unsupported_reason` first."""
     from microadam.optim import micro_adam as pure
 
-    if bias_correction not in BIAS_CORRECTIONS:
-        raise ValueError(
-            f"Invalid bias_correction: {bias_correction!r} (expected 'full' or 'window')"
-        )
     for state in states:  # before anything changes
         if int(state["step"].item()) >= pure.MAX_STEPS:
             raise RuntimeError(pure._too_many_steps(int(state["step"].item())))
@@ -405,7 +394,6 @@ def micro_adam_multi_step_(
                     eps=float(eps),
                     weight_decay=float(weight_decay),
                     window_size=m,
-                    window_bias=bias_correction == "window",
                 )
                 for (x, y), new_idx, new_val in zip(
                     spans, new_rows[::2], new_rows[1::2], strict=True

@@ -1058,9 +1058,8 @@ T scalar_of(const at::Tensor& t, at::ScalarType dtype, const char* what) {
 // rounding only), the window (m rows of k columns) and the error-feedback buffers. The
 // step's per-parameter numbers (t, the window row, the ages' decay factors, the bias
 // corrections, the noise key) are computed here, in double as the PyTorch path computes
-// them; window_bias takes the bias corrections' exponent as min(t, m) instead of t
-// (bias_correction="window"). Returns the position in check_grads of the first gradient
-// that is not all finite (nothing was changed then), else -1.
+// them. Returns the position in check_grads of the first gradient that is not all
+// finite (nothing was changed then), else -1.
 int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorList steps,
                         at::TensorList seeds, at::TensorList window_indices,
                         at::TensorList window_values, at::TensorList ef_codes,
@@ -1068,7 +1067,7 @@ int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorL
                         double beta2, double eps, double weight_decay, int64_t k_block,
                         int64_t window_size, int64_t topk_block_size, int64_t quant_block_size,
                         int64_t unit, int64_t quant_bits, bool error_feedback, bool stochastic,
-                        bool maximize, bool window_bias, at::TensorList check_grads) {
+                        bool maximize, at::TensorList check_grads) {
   const int64_t count = static_cast<int64_t>(params.size());
   const auto listed = [count](at::TensorList l) { return static_cast<int64_t>(l.size()) == count; };
   TORCH_CHECK(listed(grads) && listed(steps) && listed(window_indices) && listed(window_values),
@@ -1157,11 +1156,9 @@ int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorL
       job.emin = ef_min[j].data_ptr<c10::BFloat16>();
       job.emax = ef_max[j].data_ptr<c10::BFloat16>();
     }
-    // As window_direction: the bias factors and beta ** age in double, then float. The
-    // factors' exponent is t, or min(t, m) with window_bias.
-    const double n = static_cast<double>(window_bias ? std::min(t, m) : t);
-    job.c1 = static_cast<float>((1.0 - beta1) / (1.0 - std::pow(beta1, n)));
-    job.c2 = static_cast<float>((1.0 - beta2) / (1.0 - std::pow(beta2, n)));
+    // As window_direction: the bias factors and beta ** age in double, then float.
+    job.c1 = static_cast<float>((1.0 - beta1) / (1.0 - std::pow(beta1, static_cast<double>(t))));
+    job.c2 = static_cast<float>((1.0 - beta2) / (1.0 - std::pow(beta2, static_cast<double>(t))));
     job.decay1.resize(job.rows);
     job.decay2.resize(job.rows);
     for (int64_t r = 0; r < job.rows; ++r) {
@@ -1240,8 +1237,7 @@ TORCH_LIBRARY(microadam_cpu, m) {
       "Tensor(e!)[] ef_codes, Tensor(f!)[] ef_min, Tensor(g!)[] ef_max, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, int k_block, "
       "int window_size, int topk_block_size, int quant_block_size, int unit, int quant_bits, "
-      "bool error_feedback, bool stochastic, bool maximize, bool window_bias, "
-      "Tensor[] check_grads) -> int");
+      "bool error_feedback, bool stochastic, bool maximize, Tensor[] check_grads) -> int");
   m.impl("micro_adam_step_", c10::DispatchKey::CPU, &micro_adam_step);
 }
 

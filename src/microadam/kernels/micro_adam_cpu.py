@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from microadam.compress.topk import kept_per_block
-from microadam.compress.window import BIAS_CORRECTIONS
 
 __all__ = [
     "DISABLE_ENV",
@@ -270,7 +269,6 @@ def micro_adam_multi_step_(
     error_feedback: bool,
     rounding: str,
     maximize: bool,
-    bias_correction: str,
     check_grads: Sequence[torch.Tensor] = (),
     **_unused: Any,
 ) -> int | None:
@@ -280,8 +278,7 @@ def micro_adam_multi_step_(
     parameter (states already initialised and checked, ``grads`` only read). The caller
     checks :func:`unsupported_reason` and :func:`unavailable_reason` first. The kernel
     computes the step's numbers (t, the ages' decay factors, the bias corrections, the
-    noise key) from each state's ``step`` and ``rng_seed`` and increments ``step``; with
-    ``bias_correction="window"`` the corrections' exponent is ``min(t, window_size)``.
+    noise key) from each state's ``step`` and ``rng_seed`` and increments ``step``.
 
     ``check_grads`` (supported dtypes, on the CPU) are checked for NaN and inf in the same
     parallel region, before anything else: if any is not all finite, nothing is updated
@@ -291,10 +288,6 @@ def micro_adam_multi_step_(
         return None
     if _ops is None:
         raise RuntimeError(f"the fused CPU step is not loaded ({unavailable_reason()})")
-    if bias_correction not in BIAS_CORRECTIONS:
-        raise ValueError(
-            f"Invalid bias_correction: {bias_correction!r} (expected 'full' or 'window')"
-        )
     targets = [p if p.is_contiguous() else p.contiguous() for p in params]
     none: list[torch.Tensor] = []
     bad = _ops.micro_adam_step_(
@@ -320,7 +313,6 @@ def micro_adam_multi_step_(
         error_feedback,
         rounding == "stochastic",
         maximize,
-        bias_correction == "window",
         [g if g.is_contiguous() else g.contiguous() for g in check_grads],
     )
     if bad >= 0:

@@ -32,11 +32,10 @@ practice bit for bit). Each Top-K block is handled by one program, in one pass:
 
 The host computes, per launch and exactly as the pure path does, t, the window row, the
 rows' decay weights ``beta ** age`` and the bias corrections (Python doubles, then
-float32; exponent t, or ``min(t, m)`` with ``bias_correction="window"``), ``1 - lr wd``,
-``-lr`` and each parameter's noise key; it reads ``step`` and ``rng_seed`` from their CPU
-tensors and increments ``step``. Nothing synchronises with the device: the launch's table
-(tensor addresses, sizes, noise keys, decay weights) is copied from pinned memory without
-blocking.
+float32), ``1 - lr wd``, ``-lr`` and each parameter's noise key; it reads ``step`` and
+``rng_seed`` from their CPU tensors and increments ``step``. Nothing synchronises with the
+device: the launch's table (tensor addresses, sizes, noise keys, decay weights) is copied
+from pinned memory without blocking.
 
 Launches. The tensors of one call that share device, dtypes and step (a parameter without
 a gradient on some step falls behind the others) share one launch. A program takes G
@@ -86,7 +85,6 @@ import torch
 
 from microadam.compress.quant import noise_key
 from microadam.compress.topk import kept_per_block
-from microadam.compress.window import BIAS_CORRECTIONS, bias_correction_exponent
 
 __all__ = [
     "MAX_ENTRY_TILE",
@@ -260,7 +258,6 @@ def micro_adam_multi_step_(
     error_feedback: bool,
     rounding: str,
     maximize: bool,
-    bias_correction: str,
 ) -> None:
     """One MicroAdam step of several parameters of one param group, in place.
 
@@ -270,10 +267,6 @@ def micro_adam_multi_step_(
     and :func:`unavailable_reason` first. ``step`` (and ``rng_seed``) are read on the host
     from their CPU tensors; nothing waits for the device.
     """
-    if bias_correction not in BIAS_CORRECTIONS:
-        raise ValueError(
-            f"Invalid bias_correction: {bias_correction!r} (expected 'full' or 'window')"
-        )
     if not params:
         return
     if not _import_triton():
@@ -344,7 +337,6 @@ def micro_adam_multi_step_(
         if device.type == "cuda":
             meta = meta.pin_memory().to(device, non_blocking=True)
         per_program = _blocks_per_program(nb * qp, ep, first, device.type == "cpu")
-        n = bias_correction_exponent(t, window_size, bias_correction)  # t or min(t, m)
         args = (
             meta,
             len(items),
@@ -352,8 +344,8 @@ def micro_adam_multi_step_(
             decay_offset,
             row,
             rows,
-            _f32((1.0 - beta1) / (1.0 - beta1**n)),
-            _f32((1.0 - beta2) / (1.0 - beta2**n)),
+            _f32((1.0 - beta1) / (1.0 - beta1**t)),
+            _f32((1.0 - beta2) / (1.0 - beta2**t)),
             _f32(eps),
             _f32(-lr),
             _f32(1.0 - lr * weight_decay),

@@ -32,7 +32,7 @@ from microadam.compress.quant import (
     unpack_nibbles,
 )
 from microadam.compress.topk import MAX_BLOCK_SIZE, TopKLayout, block_topk, topk_layout
-from microadam.compress.window import BIAS_CORRECTIONS, window_direction
+from microadam.compress.window import window_direction
 from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
@@ -178,11 +178,6 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid value_dtype: {vd} (expected a floating torch.dtype)")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']} (expected True or False)")
-    bias_correction = group["bias_correction"]
-    if type(bias_correction) is not str or bias_correction not in BIAS_CORRECTIONS:
-        raise ValueError(
-            f"Invalid bias_correction: {bias_correction!r} (expected 'full' or 'window')"
-        )
     fused = group["fused"]
     if not (fused is None or isinstance(fused, bool) or (type(fused) is str and fused in PATHS)):
         raise ValueError(
@@ -299,7 +294,6 @@ def micro_adam_step_(
     error_feedback: bool,
     rounding: str,
     maximize: bool,
-    bias_correction: str = "full",
     chunk_size: int | None = None,
     max_aligned_chunk: int | None = None,
     **_unused: Any,
@@ -313,12 +307,7 @@ def micro_adam_step_(
     the step never waits for the device: ``step`` and ``rng_seed`` are host tensors, the
     decay weights come from a cache on the device, and no value is read back. The steps
     follow the design page (``docs/microadam.md``), numbered as in Alg. 1 of the paper.
-    ``bias_correction`` is the optimizer's (``"full"`` or ``"window"``).
     """
-    if bias_correction not in BIAS_CORRECTIONS:  # before anything is written
-        raise ValueError(
-            f"Invalid bias_correction: {bias_correction!r} (expected 'full' or 'window')"
-        )
     if chunk_size is None:
         chunk_size = chunk_length(param.device)
     elif param.device.type == "cpu":
@@ -396,7 +385,6 @@ def micro_adam_step_(
             betas,
             eps,
             dtype,
-            bias_correction,
         )
         _apply_update(flat_param[start:end], u, lr, weight_decay)
 
@@ -448,8 +436,8 @@ class MicroAdam(Optimizer):
                 \text{ (per bucket of } Q \text{ elements, bf16 min/max)} \\
             &\hspace{5mm} M \leftarrow \textstyle\sum_r \beta_1^{\,age_r} V_r, \quad
                 S \leftarrow \textstyle\sum_r \beta_2^{\,age_r} V_r^2 \\
-            &\hspace{5mm} \hat{m} \leftarrow (1-\beta_1) M / (1-\beta_1^n), \quad
-                \hat{v} \leftarrow (1-\beta_2) S / (1-\beta_2^n) \\
+            &\hspace{5mm} \hat{m} \leftarrow (1-\beta_1) M / (1-\beta_1^t), \quad
+                \hat{v} \leftarrow (1-\beta_2) S / (1-\beta_2^t) \\
             &\hspace{5mm} \theta_t \leftarrow \theta_{t-1}(1 - \gamma\lambda)
                 - \gamma\, \hat{m} / (\sqrt{\hat{v}} + \epsilon) \\
             &\rule{110mm}{0.4pt} \\[-1.ex]
@@ -459,26 +447,20 @@ class MicroAdam(Optimizer):
 
     Here :math:`age_r = (t - 1 - r) \bmod m` is the age of window row :math:`r`, and the
     sums run over the rows written so far that contain the coordinate; a coordinate in no
-    row is not moved (apart from weight decay). The bias correction's exponent is
-    :math:`n = t` (``bias_correction="full"``, the default) or :math:`n = \min(t, m)`
-    (``"window"``).
+    row is not moved (apart from weight decay).
 
     .. note::
         Conventions. ``eps`` is added to :math:`\sqrt{\hat v}` outside the square root, as
-        in ``torch.optim.Adam``. Weight decay is decoupled (AdamW). By default
-        (``bias_correction="full"``) the bias correction uses this parameter's full step
-        count :math:`t`, as the paper and the authors' code do: for a coordinate kept at
-        every step the window holds only :math:`m` terms while :math:`1-\beta^t` keeps
-        growing, so once :math:`t > m` the step is larger than Adam's (with a constant
-        gradient, :math:`(1-\beta_1^m)/(1-\beta_1^t) \cdot \sqrt{(1-\beta_2^t)/(1-\beta_2^m)}`
-        times Adam's: about 2.8x at :math:`t = 200` and 6.5x in the limit at :math:`m = 10`
-        and the default betas). ``bias_correction="window"`` divides by
-        :math:`1-\beta^{\min(t, m)}` instead, the sum of the weights the window can hold,
-        so that a coordinate kept at every step with a constant gradient moves exactly as
-        under Adam at every step; up to step :math:`m` the two are the same. With
+        in ``torch.optim.Adam``. Weight decay is decoupled (AdamW). The bias correction
+        uses this parameter's full step count :math:`t`, as the authors' code does: for a
+        coordinate kept at every step the window holds only :math:`m` terms while
+        :math:`1-\beta^t` keeps growing, so once :math:`t > m` the step is larger than
+        Adam's (with a constant gradient about 2.8x at :math:`t = 200` and 6.5x in the
+        limit at :math:`m = 10` and the default betas). Dividing by
+        :math:`1-\beta^{\min(t, m)}` instead was measured and not adopted: it did not
+        improve fine-tuning and was worse from scratch (docs/finetune.md). With
         ``density=1``, ``window_size`` at least the number of steps and ``value_dtype``
-        equal to the parameter dtype, MicroAdam (with either setting) equals
-        ``torch.optim.AdamW``.
+        equal to the parameter dtype, MicroAdam equals ``torch.optim.AdamW``.
 
     .. note::
         Non-finite gradients. ``step`` checks every gradient before it changes anything;
@@ -577,12 +559,6 @@ class MicroAdam(Optimizer):
         value_dtype (torch.dtype, optional): dtype of the stored window values
             (default: torch.bfloat16).
         maximize (bool, optional): maximize the objective instead (default: False).
-        bias_correction (str, optional): ``"full"`` divides the moments by
-            :math:`1-\beta^t` (the published algorithm) and ``"window"`` by
-            :math:`1-\beta^{\min(t, m)}`, so that the step of a coordinate kept at every
-            step stays Adam's instead of growing past it once :math:`t > m` (see the note
-            on conventions) (default: "full"). Every path computes it the same way; state
-            dicts saved before this option existed load as ``"full"``.
         fused (bool or str, optional): how to step (default: None, the best path that
             applies: on the CPU the fused C++ kernel, on CUDA the fused Triton kernel, then
             the compiled step, and the pure-PyTorch step everywhere else). ``True`` requires
@@ -627,7 +603,6 @@ class MicroAdam(Optimizer):
         rounding: str = "nearest",
         value_dtype: torch.dtype = torch.bfloat16,
         maximize: bool = False,
-        bias_correction: str = "full",
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
@@ -644,7 +619,6 @@ class MicroAdam(Optimizer):
             rounding=rounding,
             value_dtype=value_dtype,
             maximize=maximize,
-            bias_correction=bias_correction,
             fused=fused,
         )
         _validate_hyperparameters(defaults)
@@ -879,11 +853,8 @@ class MicroAdam(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._checked = {}
-        # Pickles and state dicts saved before ``fused`` and ``bias_correction`` existed.
-        self.defaults.setdefault("bias_correction", "full")
         for group in self.param_groups:
-            group.setdefault("fused", None)
-            group.setdefault("bias_correction", "full")
+            group.setdefault("fused", None)  # state dicts saved before ``fused`` existed
 
     def state_dict(self) -> dict[str, Any]:
         """The state dict, with ``microadam_format`` (the layout version) at the top level
@@ -995,14 +966,7 @@ class MicroAdam(Optimizer):
                     f"Invalid state_dict: param group {gi} has {len(saved['params'])} "
                     f"parameters, the optimizer's has {len(group['params'])}"
                 )
-            # A group saved before ``bias_correction`` existed loads as "full" (the
-            # __setstate__ that load_state_dict ends with adds it), whatever this
-            # optimizer's own setting: check what will be loaded.
-            merged = {
-                **group,
-                "bias_correction": "full",
-                **{k: v for k, v in saved.items() if k != "params"},
-            }
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             try:
                 _validate_hyperparameters(merged)
             except ValueError as err:
@@ -1072,7 +1036,6 @@ _STEP_ARGUMENTS = (
     "error_feedback",
     "rounding",
     "maximize",
-    "bias_correction",
 )
 
 
