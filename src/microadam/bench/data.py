@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ByteCorpus", "stdlib_text"]
+__all__ = ["ByteCorpus", "read_text_file", "stdlib_text"]
 
 
 def stdlib_text(max_bytes: int = 2_000_000, seed: int = 0) -> bytes:
@@ -40,6 +40,16 @@ def stdlib_text(max_bytes: int = 2_000_000, seed: int = 0) -> bytes:
         if total >= max_bytes:
             break
     return b"".join(chunks)[:max_bytes]
+
+
+def read_text_file(text_path: str) -> tuple[bytes, str]:
+    """The bytes of a user's text file and how a report names it; ``ValueError`` naming the
+    path when it is not a file."""
+    path = Path(text_path)
+    if not path.is_file():
+        raise ValueError(f"Invalid text file: {str(path)!r} does not exist")
+    data = path.read_bytes()
+    return data, f"{path.name} ({len(data):,} bytes)"
 
 
 class ByteCorpus:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from microadam.bench.data import ByteCorpus, stdlib_text
+from microadam.bench.data import ByteCorpus, read_text_file, stdlib_text
 from microadam.bench.lm import LM_QUICK, LMConfig
 from microadam.bench.models import TinyGPT
 from microadam.bench.progress import Progress
@@ -211,11 +211,7 @@ class FinetuneWorkload(Workload):
         self.show_progress = show_progress
         self.pretrain_text = stdlib_text(cfg.model.corpus_bytes, seed=0)
         if cfg.text_path is not None:
-            path = Path(cfg.text_path)
-            if not path.is_file():
-                raise ValueError(f"Invalid text file: {str(path)!r} does not exist")
-            self.text = path.read_bytes()
-            self.source = f"{path.name} ({len(self.text):,} bytes)"
+            self.text, self.source = read_text_file(cfg.text_path)
         else:
             self.text = pydoc_topics_text()
             self.source = (

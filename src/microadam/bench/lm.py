@@ -13,12 +13,11 @@ import hashlib
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from microadam.bench.data import ByteCorpus, stdlib_text
+from microadam.bench.data import ByteCorpus, read_text_file, stdlib_text
 from microadam.bench.models import TinyGPT
 from microadam.bench.workloads import Task, Workload
 
@@ -64,11 +63,7 @@ class LMWorkload(Workload):
             raise ValueError(f"Invalid n_head: {cfg.n_head} (must divide d_model={cfg.d_model})")
         self.cfg = cfg
         if cfg.text_path is not None:
-            path = Path(cfg.text_path)
-            if not path.is_file():
-                raise ValueError(f"Invalid text file: {str(path)!r} does not exist")
-            self.text = path.read_bytes()
-            self.source = f"{path.name} ({len(self.text):,} bytes)"
+            self.text, self.source = read_text_file(cfg.text_path)
         else:
             self.text = stdlib_text(cfg.corpus_bytes, seed=0)
             self.source = (
