@@ -47,6 +47,7 @@ __all__ = [
     "FinetuneWorkload",
     "cache_dir",
     "cached_weights",
+    "fine_tuning_schedule",
     "pretrained_weights",
     "pydoc_topics_text",
     "save_atomic",
@@ -89,6 +90,16 @@ def warmup_linear_decay(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def fine_tuning_schedule(warmup_fraction: float) -> Callable[[int, int], float]:
+    """``Task.lr_scale`` of a fine-tuning run: warm-up over ``warmup_fraction`` of the
+    steps (at least one), then linear decay to 0."""
+
+    def lr_scale(step: int, total: int) -> float:
+        return warmup_linear_decay(step, total, max(1, round(warmup_fraction * total)))
+
+    return lr_scale
 
 
 def cache_dir() -> Path:
@@ -293,10 +304,11 @@ class FinetuneWorkload(Workload):
             model.train()
             return out
 
-        def lr_scale(step: int, total: int) -> float:
-            warmup = max(1, round(cfg.warmup_fraction * total))
-            return warmup_linear_decay(step, total, warmup)
-
         return Task(
-            model, batch_loss, None, evaluate, metric_scale=1 / math.log(2), lr_scale=lr_scale
+            model,
+            batch_loss,
+            None,
+            evaluate,
+            metric_scale=1 / math.log(2),
+            lr_scale=fine_tuning_schedule(cfg.warmup_fraction),
         )

@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from microadam.bench.finetune import cached_weights, warmup_linear_decay
+from microadam.bench.finetune import cached_weights, fine_tuning_schedule, warmup_linear_decay
 from microadam.bench.progress import Progress
 from microadam.bench.tabular import EpochBatches, TabularData, load_arrays, mlp, standardized
-from microadam.bench.workloads import Task, Workload
+from microadam.bench.workloads import Task, Workload, classifier_task
 
 __all__ = [
     "FINETUNE_CLASSES",
@@ -309,28 +309,17 @@ class DigitsFinetuneWorkload(Workload):
         torch.manual_seed(seed)
         new_head = nn.Linear(cfg.hidden[-1], len(FINETUNE_CLASSES))
         model = BodyWithNewHead(pretrained[:-1], new_head, pretrained[-1]).to(device)
-        x_tr, y_tr = d.x_train.to(device), d.y_train.to(device)
-        x_va, y_va = d.x_val.to(device), d.y_val.to(device)
         x_old, y_old = pre.x_val.to(device), pre.y_val.to(device)
-        batches = EpochBatches(len(y_tr), cfg.batch_size, torch.Generator().manual_seed(seed))
 
-        def batch_loss() -> torch.Tensor:
-            idx = batches.next().to(device)
-            return F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+        def forgetting() -> dict[str, float]:
+            return {"pretrain_val": F.cross_entropy(model.old_head_logits(x_old), y_old).item()}
 
-        def full_loss() -> torch.Tensor:
-            return F.cross_entropy(model(x_tr), y_tr)
-
-        @torch.no_grad()
-        def evaluate() -> dict[str, float]:
-            out = {}
-            for split, x, y in (("train", x_tr, y_tr), ("val", x_va, y_va)):
-                out[split], out[f"{split}_accuracy"] = _scores(model(x), y)
-            out["pretrain_val"] = F.cross_entropy(model.old_head_logits(x_old), y_old).item()
-            return out
-
-        def lr_scale(step: int, total: int) -> float:
-            warmup = max(1, round(cfg.warmup_fraction * total))
-            return warmup_linear_decay(step, total, warmup)
-
-        return Task(model, batch_loss, full_loss, evaluate, lr_scale=lr_scale)
+        return classifier_task(
+            model,
+            d,
+            cfg.batch_size,
+            seed,
+            device,
+            extra_metrics=forgetting,
+            lr_scale=fine_tuning_schedule(cfg.warmup_fraction),
+        )

@@ -49,6 +49,7 @@ __all__ = [
     "TabularWorkload",
     "Task",
     "Workload",
+    "classifier_task",
     "make_workload",
 ]
 
@@ -265,28 +266,44 @@ class TabularWorkload(Workload):
     def make_task(self, seed: int, device: str = "cpu") -> Task:
         torch.manual_seed(seed)
         model = mlp(self.sizes).to(device)
-        d = self.data
-        x_tr, y_tr = d.x_train.to(device), d.y_train.to(device)
-        x_va, y_va = d.x_val.to(device), d.y_val.to(device)
-        batches = EpochBatches(len(y_tr), self.cfg.batch_size, torch.Generator().manual_seed(seed))
+        return classifier_task(model, self.data, self.cfg.batch_size, seed, device)
 
-        def batch_loss() -> torch.Tensor:
-            idx = batches.next().to(device)
-            return F.cross_entropy(model(x_tr[idx]), y_tr[idx])
 
-        def full_loss() -> torch.Tensor:
-            return F.cross_entropy(model(x_tr), y_tr)
+def classifier_task(
+    model: nn.Module,
+    data: TabularData,
+    batch_size: int,
+    seed: int,
+    device: str = "cpu",
+    extra_metrics: Callable[[], dict[str, float]] | None = None,
+    lr_scale: Callable[[int, int], float] | None = None,
+) -> Task:
+    """A classification :class:`Task` over ``data``: shuffled mini-batches (a fresh
+    permutation per epoch, seeded by ``seed``), the full-batch loss for closure-based
+    methods, and cross-entropy and accuracy on both splits (plus ``extra_metrics()``)."""
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    x_va, y_va = data.x_val.to(device), data.y_val.to(device)
+    batches = EpochBatches(len(y_tr), batch_size, torch.Generator().manual_seed(seed))
 
-        @torch.no_grad()
-        def evaluate() -> dict[str, float]:
-            out = {}
-            for split, x, y in (("train", x_tr, y_tr), ("val", x_va, y_va)):
-                logits = model(x)
-                out[split] = F.cross_entropy(logits, y).item()
-                out[f"{split}_accuracy"] = (logits.argmax(1) == y).float().mean().item()
-            return out
+    def batch_loss() -> torch.Tensor:
+        idx = batches.next().to(device)
+        return F.cross_entropy(model(x_tr[idx]), y_tr[idx])
 
-        return Task(model, batch_loss, full_loss, evaluate)
+    def full_loss() -> torch.Tensor:
+        return F.cross_entropy(model(x_tr), y_tr)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        out = {}
+        for split, x, y in (("train", x_tr, y_tr), ("val", x_va, y_va)):
+            logits = model(x)
+            out[split] = F.cross_entropy(logits, y).item()
+            out[f"{split}_accuracy"] = (logits.argmax(1) == y).float().mean().item()
+        if extra_metrics is not None:
+            out.update(extra_metrics())
+        return out
+
+    return Task(model, batch_loss, full_loss, evaluate, lr_scale=lr_scale)
 
 
 def _lm(**kwargs: Any) -> Workload:
