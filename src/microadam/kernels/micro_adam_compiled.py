@@ -329,7 +329,7 @@ def micro_adam_multi_step_(
     for state in states:  # before anything changes
         if int(state["step"].item()) >= pure.MAX_STEPS:
             raise RuntimeError(pure._too_many_steps(int(state["step"].item())))
-    lr_value = float(lr) if not isinstance(lr, torch.Tensor) else None
+    rate = float(lr)  # a tensor lr is read once per call (MicroAdam.step passes a float)
     step_fn = _compiled_chunk_step()
     b, q, bits, m = topk_block_size, quant_block_size, quant_bits, window_size
     # One graph per last-chunk length and setting: a model may need more than dynamo's
@@ -346,8 +346,6 @@ def micro_adam_multi_step_(
             key = 0
             if rounding == "stochastic":
                 key = noise_key(int(state["rng_seed"].item()), step)
-            # A tensor lr is read here, once per parameter; a float costs nothing.
-            rate = lr_value if lr_value is not None else float(lr)
             starts = list(range(0, d, chunk))
             info = _info_table([[step, row, key, rate, s] for s in starts], param.device)
             flat_grad = grad.detach().reshape(-1)
