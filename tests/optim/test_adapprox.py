@@ -379,9 +379,15 @@ def test_closure_and_zero_gradient():
     "kwargs, message",
     [
         (dict(lr=-1.0), "Invalid lr: -1.0 (expected lr >= 0)"),
-        (dict(betas=(0.9,)), "Invalid betas: (0.9,) (expected a pair (beta1, beta2))"),
-        (dict(betas=(1.0, 0.999)), "Invalid beta1: 1.0 (expected None or 0 <= beta1 < 1)"),
-        (dict(betas=(0.9, -0.1)), "Invalid beta2: -0.1 (expected 0 <= beta2 < 1)"),
+        (dict(betas=(0.9,)), "Invalid betas: (0.9,) (expected a pair of floats)"),
+        (
+            dict(betas=(1.0, 0.999)),
+            "Invalid beta parameter at index 0: 1.0 (expected None or 0 <= beta < 1)",
+        ),
+        (
+            dict(betas=(0.9, -0.1)),
+            "Invalid beta parameter at index 1: -0.1 (expected 0 <= beta < 1)",
+        ),
         (dict(eps=0.0), "Invalid eps: 0.0 (expected eps > 0)"),
         (dict(weight_decay=-0.1), "Invalid weight_decay: -0.1 (expected weight_decay >= 0)"),
         (

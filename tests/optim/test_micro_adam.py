@@ -301,7 +301,7 @@ def test_non_finite_gradient_raises_and_changes_nothing(bad):
         ),
         (dict(quant_block_size=0), "Invalid quant_block_size: 0 (expected an integer >= 1)"),
         (dict(quant_bits=2), "Invalid quant_bits: 2 (expected 4 or 8)"),
-        (dict(error_feedback="yes"), "Invalid error_feedback: yes (expected True or False)"),
+        (dict(error_feedback="yes"), "Invalid error_feedback: 'yes' (expected True or False)"),
         (dict(rounding="up"), "Invalid rounding: 'up' (expected 'nearest' or 'stochastic')"),
         (
             dict(value_dtype=torch.int8),

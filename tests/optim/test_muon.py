@@ -448,7 +448,8 @@ def test_load_state_dict_rejects_mismatches():
     with pytest.raises(ValueError) as info:
         fresh.load_state_dict(swapped)
     assert str(info.value) == (
-        "Invalid state_dict: param group 1 has use_muon=True, the optimizer's has use_muon=False"
+        "Invalid state_dict: param group 1: it has use_muon=True, the optimizer's has "
+        "use_muon=False"
     )
     bad_momentum = copy.deepcopy(sd)
     bad_momentum["param_groups"][0]["momentum"] = 1.5
@@ -460,7 +461,10 @@ def test_load_state_dict_rejects_mismatches():
     bad_shape = copy.deepcopy(sd)
     pid = bad_shape["param_groups"][0]["params"][0]
     bad_shape["state"][pid]["momentum_buffer"] = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match=r"momentum_buffer of parameter id 0 has shape \(2, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"momentum_buffer of parameter 0 of param group 0 \(shape \(32, 8\)\) has shape \(2, 2\)",
+    ):
         fresh.load_state_dict(bad_shape)
     with pytest.raises(ValueError, match="it has 1 param groups, the optimizer has 2"):
         fresh.load_state_dict({**sd, "param_groups": sd["param_groups"][:1]})
@@ -553,7 +557,7 @@ def test_invalid_group_values():
     assert str(info.value) == "Invalid beta parameter at index 1: -0.1 (expected 0 <= beta < 1)"
     with pytest.raises(ValueError) as info:
         Muon([{"params": [w], "use_muon": "yes"}])
-    assert str(info.value) == "Invalid use_muon: yes (expected True or False)"
+    assert str(info.value) == "Invalid use_muon: 'yes' (expected True or False)"
     with pytest.raises(ValueError) as info:
         Muon([{"params": [w], "lr": torch.tensor([1.0, 2.0])}])
     assert str(info.value) == "Invalid lr: tensor lr must have one element, got shape (2,)"

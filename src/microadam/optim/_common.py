@@ -1,5 +1,6 @@
 """Pieces this package's own optimizers share: finding the parameters to step, checking
-gradients, naming a parameter in an error message, and checking a state dict's format."""
+gradients, naming a parameter in an error message, checking hyperparameters with one
+wording, and checking and loading state dicts."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ __all__ = [
     "FORMAT_KEYS",
     "LazyText",
     "all_finite",
+    "base_load_state_dict",
+    "check_betas",
+    "check_flag",
+    "check_int",
     "check_is_state_dict",
+    "check_lr",
+    "check_nonnegative",
+    "check_number",
+    "check_positive",
     "check_state_dict_format",
     "describe_param",
     "first_non_finite",
+    "is_real_number",
     "lift_format_key",
+    "load_checked_state_dict",
     "params_by_saved_id",
     "params_with_grad",
+    "tensor_steps",
 ]
 
 
@@ -208,3 +220,205 @@ def lift_format_key(state_dict: dict[str, Any], key: str) -> dict[str, Any]:
         groups = [{k: v for k, v in g.items() if k != key} for g in groups]
         state_dict = {**state_dict, "param_groups": groups}
     return state_dict
+
+
+# -- hyperparameter checks: one wording for every optimizer of the package -----------------
+
+
+def is_real_number(value: Any) -> bool:
+    """A Python ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: Any, rule: str, ok: Callable[[float], bool]) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a real number with ``ok(value)``;
+    ``rule`` says what is expected, e.g. ``"eps >= 0"``."""
+    if not is_real_number(value):
+        raise ValueError(
+            f"Invalid {name}: {value!r} (expected a number, {rule}; got {type(value).__name__})"
+        )
+    if not ok(value):
+        raise ValueError(f"Invalid {name}: {value} (expected {rule})")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    check_number(name, value, f"{name} >= 0", lambda v: v >= 0.0)
+
+
+def check_positive(name: str, value: Any) -> None:
+    check_number(name, value, f"{name} > 0", lambda v: v > 0.0)
+
+
+def check_lr(lr: Any, name: str = "lr") -> None:
+    """A learning rate: a number or a one-element tensor, at least 0."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"Invalid {name}: tensor lr must have one element, got shape {tuple(lr.shape)}"
+            )
+        lr = lr.item()
+    check_nonnegative(name, lr)
+
+
+def check_betas(betas: Any, name: str = "betas", *, first_may_be_none: bool = False) -> None:
+    """A pair of coefficients in [0, 1), as torch.optim words it; ``first_may_be_none``
+    for optimizers whose first moment can be switched off (``betas=(None, beta2)``)."""
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r} (expected a pair of floats)")
+    for i, beta in enumerate(betas):
+        if i == 0 and first_may_be_none and beta is None:
+            continue
+        rule = "None or 0 <= beta < 1" if i == 0 and first_may_be_none else "0 <= beta < 1"
+        if not is_real_number(beta):
+            raise ValueError(
+                f"Invalid beta parameter at index {i}: {beta!r} (expected a number, {rule}; "
+                f"got {type(beta).__name__})"
+            )
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (expected {rule})")
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
+
+
+# -- loading state dicts ------------------------------------------------------------------
+
+
+def base_load_state_dict(opt: Optimizer, state_dict: dict[str, Any]) -> None:
+    """``torch.optim.Optimizer.load_state_dict`` without running the load hooks, for a
+    ``load_state_dict`` that runs them itself (:func:`load_checked_state_dict`)."""
+    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
+    opt._optimizer_load_state_dict_pre_hooks = type(pre)()
+    opt._optimizer_load_state_dict_post_hooks = type(post)()
+    try:
+        Optimizer.load_state_dict(opt, state_dict)
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks = pre
+        opt._optimizer_load_state_dict_post_hooks = post
+
+
+def tensor_steps(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with every per-parameter ``step`` that is a Python number (torch.optim
+    accepts those, and its own tests load them) as a float32 0-d tensor, as
+    ``torch.optim.Adam.__setstate__`` converts it; a copy is made where something changes.
+    ``ValueError`` for a number that is not a whole count >= 0."""
+    state = state_dict["state"]
+    converted = {}
+    for pid, saved in state.items():
+        step = saved.get("step") if isinstance(saved, dict) else None
+        if not is_real_number(step):
+            continue
+        if not (math.isfinite(step) and step >= 0 and float(step).is_integer()):
+            raise ValueError(
+                f"Invalid state_dict: step of parameter id {pid} is {step!r} (expected a whole "
+                "number >= 0)"
+            )
+        converted[pid] = {**saved, "step": torch.tensor(float(step), dtype=torch.float32)}
+    if not converted:
+        return state_dict
+    return {**state_dict, "state": {**state, **converted}}
+
+
+def load_checked_state_dict(
+    opt: Optimizer,
+    state_dict: Any,
+    *,
+    check_group: Callable[[dict[str, Any], dict[str, Any], int], None],
+    check_state: Callable[[torch.Tensor, dict[str, Any], dict[str, Any]], None],
+    restore: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor],
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    format_key: str | None = None,
+    version: int | None = None,
+    name: str = "",
+    keep_group_keys: Sequence[str] = (),
+) -> None:
+    """The ``load_state_dict`` of this package's optimizers: everything is checked before
+    anything changes, the hooks behave as in ``torch.optim``, and each state tensor comes
+    back as ``restore`` says instead of through torch's cast to the parameter's dtype.
+
+    In order: the load pre-hooks get a shallow copy of ``state_dict`` and may return a
+    replacement; ``prepare`` maps what they leave (sharded state, DCP dicts); the format
+    key is checked if given (:func:`check_state_dict_format`); ``step`` numbers become
+    tensors (:func:`tensor_steps`); ``check_group(group, merged, index)`` checks each
+    saved group against the optimizer's (``merged`` is the group with the saved settings
+    on top) and ``check_state(param, merged, saved_state)`` each parameter's state, both
+    raising ``ValueError`` or ``RuntimeError``, reported as ``ValueError("Invalid
+    state_dict: ...")``. Only then does torch's load run, followed by ``restore(param,
+    key, saved_tensor)`` for every saved tensor and the load post-hooks. The settings named
+    in ``keep_group_keys`` keep the optimizer's own values (how this process steps, not
+    what the state is).
+
+    Keys of the saved ``state`` that are not integers belong to no parameter (what hooks
+    put into ``optimizer.state``, as torch's own tests do) and are loaded as they are, as
+    torch.optim does; an integer id that no parameter has is refused.
+    """
+    check_is_state_dict(state_dict)
+    state_dict = state_dict.copy()
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    check_is_state_dict(state_dict)
+    if prepare is not None:
+        state_dict = prepare(state_dict)
+    if format_key is not None:
+        check_state_dict_format(opt, state_dict, format_key, version, name)
+    state_dict = tensor_steps(state_dict)
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"Invalid state_dict: it has {len(saved_groups)} param groups, the optimizer "
+            f"has {len(opt.param_groups)}"
+        )
+    owners: dict[Any, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups, strict=True)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise ValueError(f"Invalid state_dict: param group {gi} is not a dict with 'params'")
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(
+                f"Invalid state_dict: param group {gi} has {len(saved['params'])} "
+                f"parameters, the optimizer's has {len(group['params'])}"
+            )
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        try:
+            check_group(group, merged, gi)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"Invalid state_dict: param group {gi}: {err}") from None
+        for pid, p in zip(saved["params"], group["params"], strict=True):
+            owners[pid] = (p, merged)
+    loaded = []
+    for pid, saved_state in state_dict["state"].items():
+        if pid not in owners:
+            if isinstance(pid, int) and not isinstance(pid, bool):
+                raise ValueError(f"Invalid state_dict: state for unknown parameter id {pid}")
+            continue
+        p, merged = owners[pid]
+        if not isinstance(saved_state, dict):
+            raise ValueError(
+                f"Invalid state_dict: the state of parameter id {pid} is a "
+                f"{type(saved_state).__name__}, not a dict"
+            )
+        try:
+            check_state(p, merged, saved_state)
+        except (ValueError, RuntimeError) as err:
+            message = str(err).removeprefix("Invalid state_dict: ")
+            raise ValueError(f"Invalid state_dict: {message}") from None
+        loaded.append((p, saved_state))
+    body = {k: v for k, v in state_dict.items() if k != format_key}
+    kept = [{k: group[k] for k in keep_group_keys} for group in opt.param_groups]
+    base_load_state_dict(opt, body)
+    for group, values in zip(opt.param_groups, kept, strict=True):
+        group.update(values)
+    for p, saved_state in loaded:
+        for key, value in saved_state.items():
+            if isinstance(value, torch.Tensor):
+                opt.state[p][key] = restore(p, key, value)
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)

@@ -19,10 +19,16 @@ from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
     all_finite,
-    check_is_state_dict,
-    check_state_dict_format,
+    check_betas,
+    check_flag,
+    check_int,
+    check_lr,
+    check_nonnegative,
+    check_number,
+    check_positive,
     describe_param,
     lift_format_key,
+    load_checked_state_dict,
     params_by_saved_id,
     params_with_grad,
 )
@@ -50,67 +56,32 @@ _CPU_KEYS = ("step", "rng_state")
 _FLOORS = ("gradient", "zero")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"Invalid lr: tensor lr must have one element, got shape {tuple(lr.shape)}"
-            )
-        lr = lr.item()
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid lr: {lr} (expected lr >= 0)")
-    betas = group["betas"]
-    if not isinstance(betas, tuple | list) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
-    beta1, beta2 = betas
-    if beta1 is not None and (
-        isinstance(beta1, bool) or not isinstance(beta1, int | float) or not 0.0 <= beta1 < 1.0
-    ):
-        raise ValueError(f"Invalid beta1: {beta1} (expected None or 0 <= beta1 < 1)")
-    if isinstance(beta2, bool) or not isinstance(beta2, int | float) or not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"Invalid beta2: {beta2} (expected 0 <= beta2 < 1)")
-    eps = group["eps"]
-    if not 0.0 < eps:
-        raise ValueError(f"Invalid eps: {eps} (expected eps > 0)")
-    if not 0.0 <= group["weight_decay"]:
-        raise ValueError(
-            f"Invalid weight_decay: {group['weight_decay']} (expected weight_decay >= 0)"
-        )
+    check_lr(group["lr"])
+    check_betas(group["betas"], first_may_be_none=True)
+    check_positive("eps", group["eps"])
+    check_nonnegative("weight_decay", group["weight_decay"])
     clip = group["clip_threshold"]
     if clip is not None and (
         isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0.0
     ):
         raise ValueError(f"Invalid clip_threshold: {clip} (expected None or clip_threshold > 0)")
-    min_rank = group["min_rank"]
-    if not _is_int(min_rank) or min_rank < 1:
-        raise ValueError(f"Invalid min_rank: {min_rank} (expected an integer >= 1)")
-    max_rank = group["max_rank"]
-    if not _is_int(max_rank) or max_rank < min_rank:
+    check_int("min_rank", group["min_rank"], 1)
+    min_rank, max_rank = group["min_rank"], group["max_rank"]
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < min_rank:
         raise ValueError(
-            f"Invalid max_rank: {max_rank} (expected an integer >= min_rank = {min_rank})"
+            f"Invalid max_rank: {max_rank!r} (expected an integer >= min_rank = {min_rank})"
         )
-    step = group["rank_step"]
-    if not _is_int(step) or step < 1:
-        raise ValueError(f"Invalid rank_step: {step} (expected an integer >= 1)")
-    tol = group["rank_tolerance"]
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0.0 <= tol <= 1.0:
-        raise ValueError(f"Invalid rank_tolerance: {tol} (expected 0 <= rank_tolerance <= 1)")
-    q = group["power_iterations"]
-    if not _is_int(q) or q < 0:
-        raise ValueError(f"Invalid power_iterations: {q} (expected an integer >= 0)")
-    p = group["oversampling"]
-    if not _is_int(p) or p < 0:
-        raise ValueError(f"Invalid oversampling: {p} (expected an integer >= 0)")
+    check_int("rank_step", group["rank_step"], 1)
+    check_number(
+        "rank_tolerance", group["rank_tolerance"], "0 <= rank_tolerance <= 1", lambda t: 0 <= t <= 1
+    )
+    check_int("power_iterations", group["power_iterations"], 0)
+    check_int("oversampling", group["oversampling"], 0)
     floor = group["second_moment_floor"]
     if floor not in _FLOORS:
         raise ValueError(f"Invalid second_moment_floor: {floor!r} (expected 'gradient' or 'zero')")
-    if not isinstance(group["maximize"], bool):
-        raise ValueError(f"Invalid maximize: {group['maximize']} (expected True or False)")
+    check_flag("maximize", group["maximize"])
 
 
 def _compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -894,61 +865,51 @@ class Adapprox(Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict`, keeping every buffer's dtype.
+        """Load a state dict saved by :meth:`state_dict`.
 
         ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating
         parameter to the parameter's dtype and device: the uint8 generator state would
         become floats (and ``Generator.set_state`` wants a CPU uint8 tensor), and the
-        float32 factors of a bf16 parameter would lose precision. Here every state tensor
-        comes back with its saved dtype and bits, ``step`` and ``rng_state`` on the CPU and
-        the rest on its parameter's device. The state is checked against the parameters
-        first; on a mismatch a ``ValueError`` says what differs and the optimizer is left
-        as it was.
+        float32 factors of a bf16 parameter would lose precision. Here ``step`` and
+        ``rng_state`` come back as saved, on the CPU, and the floating buffers in the dtype
+        the parameter computes in (float64 for float64 parameters, float32 otherwise), on
+        its device, so a checkpoint moves between float32, bf16 and float64 parameters.
+        The state is checked against the parameters first; on a mismatch a ``ValueError``
+        says what differs and the optimizer is left as it was. Load hooks run as in
+        ``torch.optim``, and a ``step`` saved as a Python number is taken as torch.optim
+        takes it (:func:`~microadam.optim._common.load_checked_state_dict`).
         """
-        check_is_state_dict(state_dict)
-        state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
-        check_state_dict_format(
-            self, state_dict, "adapprox_format", STATE_FORMAT_VERSION, "Adapprox"
-        )
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Invalid state_dict: it has {len(saved_groups)} param groups, the optimizer "
-                f"has {len(self.param_groups)}"
-            )
-        id_map = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"Invalid state_dict: param group {gi} has {len(saved['params'])} "
-                    f"parameters, the optimizer's has {len(group['params'])}"
-                )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+
+        def check_group(group: dict, merged: dict, index: int) -> None:
             if isinstance(merged["betas"], list):
                 merged["betas"] = tuple(merged["betas"])
-            try:
-                _validate_hyperparameters(merged)
-            except ValueError as err:
-                raise ValueError(f"Invalid state_dict: param group {gi}: {err}") from None
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                id_map[pid] = p
-        for pid, saved_state in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"Invalid state_dict: state for unknown parameter id {pid}")
-            try:
-                self._check_state(id_map[pid], saved_state, "in the state dict")
-            except RuntimeError as err:
-                raise ValueError(f"Invalid state_dict: {err}") from None
-        body = {k: v for k, v in state_dict.items() if k != "adapprox_format"}
-        super().load_state_dict(body)
-        # Undo torch's dtype policy: restore every tensor exactly as saved (a private copy,
-        # so the loaded optimizer never shares buffers with the caller's dict).
-        for pid, saved_state in state_dict["state"].items():
-            p = id_map[pid]
-            for key, value in saved_state.items():
-                if isinstance(value, torch.Tensor):
-                    device = torch.device("cpu") if key in _CPU_KEYS else p.device
-                    self.state[p][key] = value.detach().to(device=device, copy=True)
+            _validate_hyperparameters(merged)
+
+        def check_state(p: torch.Tensor, merged: dict, saved: dict) -> None:
+            self._check_state(p, saved, "in the state dict")
+
+        def restore(p: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+            # A private copy, so the loaded optimizer never shares buffers with the caller's
+            # dict. Floating buffers in the dtype this parameter computes in, as a fresh
+            # state would have them (a float32 checkpoint continues in float64 parameters
+            # and back); step and the generator state as saved, on the CPU.
+            if key in _CPU_KEYS:
+                return value.detach().to(device="cpu", copy=True)
+            lp = _sharding.local(p)
+            dtype = _compute_dtype(lp) if value.is_floating_point() else value.dtype
+            return value.detach().to(device=lp.device, dtype=dtype, copy=True)
+
+        load_checked_state_dict(
+            self,
+            state_dict,
+            check_group=check_group,
+            check_state=check_state,
+            restore=restore,
+            prepare=self._local_state_for_load,  # DTensor params, DCP dicts
+            format_key="adapprox_format",
+            version=STATE_FORMAT_VERSION,
+            name="Adapprox",
+        )
         for group in self.param_groups:
             if isinstance(group["betas"], list):
                 group["betas"] = tuple(group["betas"])

@@ -37,11 +37,16 @@ from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
     all_finite,
-    check_is_state_dict,
-    check_state_dict_format,
+    check_betas,
+    check_flag,
+    check_int,
+    check_lr,
+    check_nonnegative,
+    check_number,
     describe_param,
     first_non_finite,
     lift_format_key,
+    load_checked_state_dict,
     params_by_saved_id,
     params_with_grad,
 )
@@ -122,53 +127,21 @@ _STATE_SHAPING = (
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"Invalid lr: tensor lr must have one element, got shape {tuple(lr.shape)}"
-            )
-        lr = lr.item()
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid lr: {lr} (expected lr >= 0)")
-    betas = group["betas"]
-    if not isinstance(betas, tuple | list) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (expected a pair of floats)")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(
-                f"Invalid beta parameter at index {i}: {beta} (expected 0 <= beta < 1)"
-            )
-    if not 0.0 <= group["eps"]:
-        raise ValueError(f"Invalid eps: {group['eps']} (expected eps >= 0)")
-    if not 0.0 <= group["weight_decay"]:
-        raise ValueError(
-            f"Invalid weight_decay: {group['weight_decay']} (expected weight_decay >= 0)"
-        )
-    m = group["window_size"]
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"Invalid window_size: {m} (expected an integer >= 1)")
-    density = group["density"]
-    if (
-        isinstance(density, bool)
-        or not isinstance(density, int | float)
-        or not 0.0 < density <= 1.0
-    ):
-        raise ValueError(f"Invalid density: {density} (expected 0 < density <= 1)")
+    check_lr(group["lr"])
+    check_betas(group["betas"])
+    check_nonnegative("eps", group["eps"])
+    check_nonnegative("weight_decay", group["weight_decay"])
+    check_int("window_size", group["window_size"], 1)
+    check_number("density", group["density"], "0 < density <= 1", lambda d: 0.0 < d <= 1.0)
     b = group["topk_block_size"]
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BLOCK_SIZE:
         raise ValueError(
             f"Invalid topk_block_size: {b} (expected an integer, 1 <= topk_block_size <= 32768)"
         )
-    q = group["quant_block_size"]
-    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-        raise ValueError(f"Invalid quant_block_size: {q} (expected an integer >= 1)")
+    check_int("quant_block_size", group["quant_block_size"], 1)
     if group["quant_bits"] not in (4, 8) or isinstance(group["quant_bits"], bool):
         raise ValueError(f"Invalid quant_bits: {group['quant_bits']} (expected 4 or 8)")
-    if not isinstance(group["error_feedback"], bool):
-        raise ValueError(
-            f"Invalid error_feedback: {group['error_feedback']} (expected True or False)"
-        )
+    check_flag("error_feedback", group["error_feedback"])
     if group["rounding"] not in _ROUNDINGS:
         raise ValueError(
             f"Invalid rounding: {group['rounding']!r} (expected 'nearest' or 'stochastic')"
@@ -176,8 +149,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     vd = group["value_dtype"]
     if not isinstance(vd, torch.dtype) or not vd.is_floating_point:
         raise ValueError(f"Invalid value_dtype: {vd} (expected a floating torch.dtype)")
-    if not isinstance(group["maximize"], bool):
-        raise ValueError(f"Invalid maximize: {group['maximize']} (expected True or False)")
+    check_flag("maximize", group["maximize"])
     fused = group["fused"]
     if not (fused is None or isinstance(fused, bool) or (type(fused) is str and fused in PATHS)):
         raise ValueError(
@@ -945,60 +917,39 @@ class MicroAdam(Optimizer):
         the uint8 codes into floats. Here every state tensor comes back with its saved
         dtype and bits, on its parameter's device. The state dict is checked against the
         parameters first; on a mismatch a ``ValueError`` names the parameter and what
-        differs, and the optimizer is left as it was.
+        differs, and the optimizer is left as it was. Load hooks run as in ``torch.optim``,
+        and a ``step`` saved as a Python number is taken as torch.optim takes it
+        (:func:`~microadam.optim._common.load_checked_state_dict`).
         """
-        check_is_state_dict(state_dict)
         self._checked.clear()  # every state is checked again at the next step
-        state_dict = self._local_state_for_load(state_dict)  # DTensor params, DCP dicts
-        check_state_dict_format(
-            self, state_dict, "microadam_format", STATE_FORMAT_VERSION, "MicroAdam"
+
+        def check_group(group: dict, merged: dict, index: int) -> None:
+            _validate_hyperparameters(merged)
+
+        def check_state(p: torch.Tensor, merged: dict, saved: dict) -> None:
+            self._check_state(p, merged, saved, "the state dict's param group")
+
+        def restore(p: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+            # Every tensor exactly as saved (a private copy, so the loaded optimizer never
+            # shares buffers with the caller's dict); step and rng_seed are read on the host
+            # at every step, so they stay on the CPU whatever map_location put them on.
+            device = "cpu" if key in ("step", "rng_seed") else p.device
+            return value.detach().to(device=device, copy=True)
+
+        load_checked_state_dict(
+            self,
+            state_dict,
+            check_group=check_group,
+            check_state=check_state,
+            restore=restore,
+            prepare=self._local_state_for_load,  # DTensor params, DCP dicts
+            format_key="microadam_format",
+            version=STATE_FORMAT_VERSION,
+            name="MicroAdam",
+            # ``fused`` says how this process steps, not what the state is: a checkpoint
+            # written on any path and device continues on the path this optimizer has.
+            keep_group_keys=("fused",),
         )
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Invalid state_dict: it has {len(saved_groups)} param groups, the optimizer "
-                f"has {len(self.param_groups)}"
-            )
-        id_map = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"Invalid state_dict: param group {gi} has {len(saved['params'])} "
-                    f"parameters, the optimizer's has {len(group['params'])}"
-                )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            try:
-                _validate_hyperparameters(merged)
-            except ValueError as err:
-                raise ValueError(f"Invalid state_dict: param group {gi}: {err}") from None
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                id_map[pid] = (p, merged)
-        for pid, saved_state in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"Invalid state_dict: state for unknown parameter id {pid}")
-            p, merged = id_map[pid]
-            try:
-                self._check_state(p, merged, saved_state, "the state dict's param group")
-            except RuntimeError as err:
-                raise ValueError(f"Invalid state_dict: {err}") from None
-        body = {k: v for k, v in state_dict.items() if k != "microadam_format"}
-        # ``fused`` says how this process steps, not what the state is: a checkpoint
-        # written on any path and device continues on the path this optimizer was built
-        # with.
-        paths = [group["fused"] for group in self.param_groups]
-        super().load_state_dict(body)
-        for group, path in zip(self.param_groups, paths, strict=True):
-            group["fused"] = path
-        # Undo torch's dtype policy: restore every tensor exactly as saved (a private copy,
-        # so the loaded optimizer never shares buffers with the caller's dict).
-        for pid, saved_state in state_dict["state"].items():
-            p, _ = id_map[pid]
-            for key, value in saved_state.items():
-                if isinstance(value, torch.Tensor):
-                    # step and rng_seed are read on the host at every step: keep them on
-                    # the CPU whatever map_location put them on.
-                    device = "cpu" if key in ("step", "rng_seed") else p.device
-                    self.state[p][key] = value.detach().to(device=device, copy=True)
 
 
 def choose_path(

@@ -18,7 +18,19 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from microadam.optim._common import params_with_grad
+from microadam.optim._common import (
+    check_betas,
+    check_flag,
+    check_int,
+    check_lr,
+    check_nonnegative,
+    check_number,
+    check_positive,
+    describe_param,
+    is_real_number,
+    load_checked_state_dict,
+    params_with_grad,
+)
 
 __all__ = [
     "DEFAULT_A",
@@ -212,68 +224,29 @@ def adamw_update_(
 # -- validation ---------------------------------------------------------------------------
 
 
-def _is_real_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _check_lr(name: str, lr: Any) -> None:
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(
-                f"Invalid {name}: tensor lr must have one element, got shape {tuple(lr.shape)}"
-            )
-        lr = lr.item()
-    if not _is_real_number(lr) or not 0.0 <= lr:
-        raise ValueError(f"Invalid {name}: {lr} (expected {name} >= 0)")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if not _is_real_number(value) or not 0.0 <= value:
-        raise ValueError(f"Invalid {name}: {value} (expected {name} >= 0)")
-
-
-def _check_betas(name: str, betas: Any) -> None:
-    if not isinstance(betas, tuple | list) or len(betas) != 2:
-        raise ValueError(f"Invalid {name}: {betas} (expected a pair of floats)")
-    for i, beta in enumerate(betas):
-        if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(
-                f"Invalid beta parameter at index {i}: {beta} (expected 0 <= beta < 1)"
-            )
-
-
 def _validate_group(group: Mapping[str, Any]) -> None:
     """Check the hyperparameters of one complete (defaults filled in) param group."""
-    use_muon = group["use_muon"]
-    if not isinstance(use_muon, bool):
-        raise ValueError(f"Invalid use_muon: {use_muon} (expected True or False)")
-    _check_lr("lr", group["lr"])
-    _check_nonnegative("weight_decay", group["weight_decay"])
-    if not use_muon:
-        _check_betas("betas", group["betas"])
-        _check_nonnegative("eps", group["eps"])
+    check_flag("use_muon", group["use_muon"])
+    check_lr(group["lr"])
+    check_nonnegative("weight_decay", group["weight_decay"])
+    if not group["use_muon"]:
+        check_betas(group["betas"])
+        check_nonnegative("eps", group["eps"])
         return
-    eps = group["eps"]
-    if not _is_real_number(eps) or not eps > 0.0:
-        # eps > 0: it clamps the norm of a zero update, which would otherwise give 0 / 0.
-        raise ValueError(f"Invalid eps: {eps} (expected eps > 0)")
-    m = group["momentum"]
-    if not _is_real_number(m) or not 0.0 <= m < 1.0:
-        raise ValueError(f"Invalid momentum: {m} (expected 0 <= momentum < 1)")
-    if not isinstance(group["nesterov"], bool):
-        raise ValueError(f"Invalid nesterov: {group['nesterov']} (expected True or False)")
+    # eps > 0: it clamps the norm of a zero update, which would otherwise give 0 / 0.
+    check_positive("eps", group["eps"])
+    check_number("momentum", group["momentum"], "0 <= momentum < 1", lambda m: 0 <= m < 1)
+    check_flag("nesterov", group["nesterov"])
     coefficients = group["ns_coefficients"]
     if (
         not isinstance(coefficients, tuple | list)
         or len(coefficients) != 3
-        or not all(_is_real_number(x) for x in coefficients)
+        or not all(is_real_number(x) for x in coefficients)
     ):
         raise ValueError(
             f"Invalid ns_coefficients: {coefficients} (expected a tuple of three floats)"
         )
-    steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Invalid ns_steps: {steps} (expected an integer >= 1)")
+    check_int("ns_steps", group["ns_steps"], 1)
     if group["adjust_lr_fn"] not in _ADJUST_LR_FNS:
         raise ValueError(
             f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r} "
@@ -478,10 +451,10 @@ class Muon(Optimizer):
             adamw_weight_decay=adamw_weight_decay,
         )
         _validate_group(defaults)
-        _check_lr("adamw_lr", adamw_lr)
-        _check_betas("adamw_betas", adamw_betas)
-        _check_nonnegative("adamw_eps", adamw_eps)
-        _check_nonnegative("adamw_weight_decay", adamw_weight_decay)
+        check_lr(adamw_lr, "adamw_lr")
+        check_betas(adamw_betas, "adamw_betas")
+        check_nonnegative("adamw_eps", adamw_eps)
+        check_nonnegative("adamw_weight_decay", adamw_weight_decay)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -489,8 +462,7 @@ class Muon(Optimizer):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         group = dict(param_group)  # never mutate the caller's dict
         use_muon = group.get("use_muon", self.defaults["use_muon"])
-        if not isinstance(use_muon, bool):
-            raise ValueError(f"Invalid use_muon: {use_muon} (expected True or False)")
+        check_flag("use_muon", use_muon)
         misplaced = [k for k in group if k in _ADAMW_DEFAULT_KEYS.values()]
         misplaced += [k for k in group if k in (_ADAMW_ONLY_KEYS if use_muon else _MUON_ONLY_KEYS)]
         if misplaced:
@@ -576,60 +548,42 @@ class Muon(Optimizer):
         The saved groups are checked against this optimizer's parameters first (same
         number of groups and parameters, valid hyperparameters, 2-D parameters in Muon
         groups, state buffers of the parameters' shapes); on a mismatch a ``ValueError``
-        says what differs and the optimizer is left as it was. Loaded buffers are private
-        copies: the optimizer never shares them with ``state_dict``.
+        says what differs and the optimizer is left as it was. Buffers come back in the
+        parameter's dtype and on its device, as torch.optim casts them, and ``step`` as
+        saved, on the CPU; they are private copies, never shared with ``state_dict``. Load
+        hooks run as in ``torch.optim``, and a ``step`` saved as a Python number is taken
+        as torch.optim takes it (:func:`~microadam.optim._common.load_checked_state_dict`).
         """
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Invalid state_dict: it has {len(saved_groups)} param groups, the optimizer "
-                f"has {len(self.param_groups)}"
-            )
-        owners = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            if len(group["params"]) != len(saved["params"]):
+
+        def check_group(group: dict, merged: dict, index: int) -> None:
+            if merged.get("use_muon") is not group["use_muon"]:
                 raise ValueError(
-                    f"Invalid state_dict: param group {gi} has {len(saved['params'])} "
-                    f"parameters, the optimizer's has {len(group['params'])}"
+                    f"it has use_muon={merged.get('use_muon')!r}, the optimizer's has "
+                    f"use_muon={group['use_muon']}"
                 )
-            if saved.get("use_muon") is not group["use_muon"]:
-                raise ValueError(
-                    f"Invalid state_dict: param group {gi} has use_muon="
-                    f"{saved.get('use_muon')!r}, the optimizer's has use_muon={group['use_muon']}"
-                )
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            try:
-                _validate_group(merged)
-                _check_params(merged, gi)
-            except ValueError as err:
-                raise ValueError(f"Invalid state_dict: param group {gi}: {err}") from None
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                owners[pid] = (p, merged["use_muon"])
-        for pid, saved_state in state_dict["state"].items():
-            if pid not in owners:
-                raise ValueError(f"Invalid state_dict: state for unknown parameter id {pid}")
-            p, use_muon = owners[pid]
-            keys = ("momentum_buffer",) if use_muon else ("exp_avg", "exp_avg_sq")
-            for key in (*keys, *(() if use_muon else ("step",))):
-                if key not in saved_state:
-                    raise ValueError(
-                        f"Invalid state_dict: the state of parameter id {pid} (shape "
-                        f"{tuple(p.shape)}) has no {key!r}"
-                    )
+            _validate_group(merged)
+            _check_params(merged, index)
+
+        def check_state(p: torch.Tensor, merged: dict, saved: dict) -> None:
+            where = describe_param(self.param_groups, p)
+            keys = ("momentum_buffer",) if merged["use_muon"] else ("exp_avg", "exp_avg_sq")
+            for key in (*keys, *(() if merged["use_muon"] else ("step",))):
+                if not isinstance(saved.get(key), torch.Tensor):
+                    raise ValueError(f"the state of {where} has no tensor {key!r}")
             for key in keys:
-                got = tuple(saved_state[key].shape)
+                got = tuple(saved[key].shape)
                 if got != tuple(p.shape):
-                    raise ValueError(
-                        f"Invalid state_dict: {key} of parameter id {pid} has shape {got}, "
-                        f"the parameter {tuple(p.shape)}"
-                    )
-        super().load_state_dict(state_dict)
-        # torch casts floating buffers to the parameter's dtype and device but returns the
-        # saved tensor itself when nothing changes; copy so no buffer is shared.
-        for state in self.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    state[key] = value.clone()
+                    raise ValueError(f"{key} of {where} has shape {got}, not the parameter's")
+
+        def restore(p: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+            if key == "step":
+                return value.detach().to(device="cpu", copy=True)
+            dtype = p.dtype if value.is_floating_point() else value.dtype
+            return value.detach().to(device=p.device, dtype=dtype, copy=True)
+
+        load_checked_state_dict(
+            self, state_dict, check_group=check_group, check_state=check_state, restore=restore
+        )
 
 
 def _as_tuple(x: Any) -> Any:
