@@ -463,7 +463,10 @@ def test_load_state_dict_rejects_mismatches():
     bad_shape["state"][pid]["momentum_buffer"] = torch.zeros(2, 2)
     with pytest.raises(
         ValueError,
-        match=r"momentum_buffer of parameter 0 of param group 0 \(shape \(32, 8\)\) has shape \(2, 2\)",
+        match=(
+            r"momentum_buffer of parameter 0 of param group 0 \(shape \(32, 8\)\) "
+            r"has shape \(2, 2\)"
+        ),
     ):
         fresh.load_state_dict(bad_shape)
     with pytest.raises(ValueError, match="it has 1 param groups, the optimizer has 2"):

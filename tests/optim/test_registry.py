@@ -27,6 +27,7 @@ from torch import nn
 
 from microadam.optim import registry
 from microadam.optim.registry import (
+    OptimizerSpec,
     create_optimizer,
     galore_param_groups,
     get_spec,
@@ -371,6 +372,22 @@ ROWS = [
         private_load=True,
     ),
     Row(
+        "muonclip",
+        "muon",
+        {"lr": 0.1, "adamw_lr": 0.05},
+        (
+            ("lr", -1, "Invalid lr: -1 (expected lr >= 0)"),
+            ("qk_clip_tau", -1, "Invalid qk_clip_tau: -1 (expected qk_clip_tau > 0)"),
+        ),
+        Budget({"adamw_lr": 0.02, "adamw_betas": (0.9, 0.999)}, 3000, 1e-3, 1.1e-5, MUON_NOTE),
+        Budget({"adamw_lr": 0.05, "adamw_betas": (0.9, 0.999)}, 1000, 1e-5, 2.4e-8, MUON_NOTE),
+        matrix_group={"use_muon": True},
+        vector_group={"use_muon": False},
+        private_load=True,
+        note="Muon plus QK-clip of watched attention layers; these models have none, so it "
+        "is Muon here (tests/optim/test_muonclip.py covers the clip)",
+    ),
+    Row(
         "newton",
         "flat",
         # a damped fixed step, so that 20 steps on the tiny net still move the parameters
@@ -703,9 +720,11 @@ def test_unknown_name_lists_every_valid_name():
         get_spec("nope")
 
 
-def test_names_are_case_and_dash_insensitive():
+def test_names_are_case_and_dash_insensitive(monkeypatch):
     params = [nn.Parameter(torch.zeros(2))]
     assert type(create_optimizer("AdamW", params)) is torch.optim.AdamW
+    # The one name with an underscore belongs to an optional peer: pretend it is installed.
+    monkeypatch.setattr(OptimizerSpec, "available", lambda self: True)
     assert get_spec("GaLore-AdamW").name == "galore_adamw"
     assert get_spec("LBFGS").name == "lbfgs"
 

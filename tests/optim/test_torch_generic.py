@@ -37,7 +37,7 @@ from torch.optim.optimizer import (
 )
 
 from microadam import Adapprox, MicroAdam
-from microadam.optim import BFGS, Muon, Newton
+from microadam.optim import BFGS, Muon, MuonClip, Newton
 
 # -- the table ------------------------------------------------------------------------------
 
@@ -66,6 +66,12 @@ def _muon_groups(params: Any) -> list[dict[str, Any]]:
 
 def _muon(params: Any, **kwargs: Any) -> Muon:
     return Muon(_muon_groups(params), **kwargs)
+
+
+def _muonclip(params: Any, **kwargs: Any) -> MuonClip:
+    # No attention layer here: the generic properties of the optimizer around the clip
+    # (tests/optim/test_muonclip.py has the clip itself).
+    return MuonClip(_muon_groups(params), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ INFOS = [
         _muon,
         (dict(), dict(nesterov=False, weight_decay=0.1, adamw_lr=1e-2)),
     ),
+    OptimInfo("muonclip", _muonclip, (dict(qk_clip_tau=10.0),)),
     OptimInfo(
         "newton",
         Newton,

@@ -12,6 +12,9 @@ __all__ = ["TinyGPT"]
 
 
 class _Block(nn.Module):
+    # Causal self-attention; read by MuonClip.watch (QK-clip counts only the causal logits).
+    is_causal = True
+
     def __init__(self, d_model: int, n_head: int):
         super().__init__()
         self.n_head = n_head
@@ -26,7 +29,7 @@ class _Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 

@@ -5,6 +5,7 @@ from microadam.optim.bfgs import BFGS
 from microadam.optim.micro_adam import MicroAdam
 from microadam.optim.minimize import OptimizeResult, minimize
 from microadam.optim.muon import Muon, muon_param_groups, zeropower_via_newtonschulz
+from microadam.optim.muonclip import MuonClip
 from microadam.optim.newton import Newton
 from microadam.optim.registry import (
     OptimizerSpec,
@@ -20,6 +21,7 @@ __all__ = [
     "Adapprox",
     "MicroAdam",
     "Muon",
+    "MuonClip",
     "Newton",
     "OptimizeResult",
     "OptimizerSpec",

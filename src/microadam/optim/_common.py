@@ -338,6 +338,7 @@ def load_checked_state_dict(
     version: int | None = None,
     name: str = "",
     keep_group_keys: Sequence[str] = (),
+    after_load: Callable[[], None] | None = None,
 ) -> None:
     """The ``load_state_dict`` of this package's optimizers: everything is checked before
     anything changes, the hooks behave as in ``torch.optim``, and each state tensor comes
@@ -351,9 +352,9 @@ def load_checked_state_dict(
     on top) and ``check_state(param, merged, saved_state)`` each parameter's state, both
     raising ``ValueError`` or ``RuntimeError``, reported as ``ValueError("Invalid
     state_dict: ...")``. Only then does torch's load run, followed by ``restore(param,
-    key, saved_tensor)`` for every saved tensor and the load post-hooks. The settings named
-    in ``keep_group_keys`` keep the optimizer's own values (how this process steps, not
-    what the state is).
+    key, saved_tensor)`` for every saved tensor, ``after_load()`` and the load post-hooks.
+    The settings named in ``keep_group_keys`` keep the optimizer's own values (how this
+    process steps, not what the state is).
 
     Keys of the saved ``state`` that are not integers belong to no parameter (what hooks
     put into ``optimizer.state``, as torch's own tests do) and are loaded as they are, as
@@ -420,5 +421,7 @@ def load_checked_state_dict(
         for key, value in saved_state.items():
             if isinstance(value, torch.Tensor):
                 opt.state[p][key] = restore(p, key, value)
+    if after_load is not None:
+        after_load()
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)

@@ -554,36 +554,46 @@ class Muon(Optimizer):
         hooks run as in ``torch.optim``, and a ``step`` saved as a Python number is taken
         as torch.optim takes it (:func:`~microadam.optim._common.load_checked_state_dict`).
         """
-
-        def check_group(group: dict, merged: dict, index: int) -> None:
-            if merged.get("use_muon") is not group["use_muon"]:
-                raise ValueError(
-                    f"it has use_muon={merged.get('use_muon')!r}, the optimizer's has "
-                    f"use_muon={group['use_muon']}"
-                )
-            _validate_group(merged)
-            _check_params(merged, index)
-
-        def check_state(p: torch.Tensor, merged: dict, saved: dict) -> None:
-            where = describe_param(self.param_groups, p)
-            keys = ("momentum_buffer",) if merged["use_muon"] else ("exp_avg", "exp_avg_sq")
-            for key in (*keys, *(() if merged["use_muon"] else ("step",))):
-                if not isinstance(saved.get(key), torch.Tensor):
-                    raise ValueError(f"the state of {where} has no tensor {key!r}")
-            for key in keys:
-                got = tuple(saved[key].shape)
-                if got != tuple(p.shape):
-                    raise ValueError(f"{key} of {where} has shape {got}, not the parameter's")
-
-        def restore(p: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
-            if key == "step":
-                return value.detach().to(device="cpu", copy=True)
-            dtype = p.dtype if value.is_floating_point() else value.dtype
-            return value.detach().to(device=p.device, dtype=dtype, copy=True)
-
         load_checked_state_dict(
-            self, state_dict, check_group=check_group, check_state=check_state, restore=restore
+            self,
+            state_dict,
+            check_group=self._check_saved_group,
+            check_state=self._check_saved_state,
+            restore=self._restore_saved,
+            after_load=self._after_load,
         )
+
+    # What load_state_dict checks and how it restores, one method each so that a subclass
+    # with more state (MuonClip) extends them.
+
+    def _check_saved_group(self, group: dict, merged: dict, index: int) -> None:
+        if merged.get("use_muon") is not group["use_muon"]:
+            raise ValueError(
+                f"it has use_muon={merged.get('use_muon')!r}, the optimizer's has "
+                f"use_muon={group['use_muon']}"
+            )
+        _validate_group(merged)
+        _check_params(merged, index)
+
+    def _check_saved_state(self, p: torch.Tensor, merged: dict, saved: dict) -> None:
+        where = describe_param(self.param_groups, p)
+        keys = ("momentum_buffer",) if merged["use_muon"] else ("exp_avg", "exp_avg_sq")
+        for key in (*keys, *(() if merged["use_muon"] else ("step",))):
+            if not isinstance(saved.get(key), torch.Tensor):
+                raise ValueError(f"the state of {where} has no tensor {key!r}")
+        for key in keys:
+            got = tuple(saved[key].shape)
+            if got != tuple(p.shape):
+                raise ValueError(f"{key} of {where} has shape {got}, not the parameter's")
+
+    def _restore_saved(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+        if key == "step":
+            return value.detach().to(device="cpu", copy=True)
+        dtype = p.dtype if value.is_floating_point() else value.dtype
+        return value.detach().to(device=p.device, dtype=dtype, copy=True)
+
+    def _after_load(self) -> None:
+        """Run after the state is loaded, before the load post-hooks."""
 
 
 def _as_tuple(x: Any) -> Any:

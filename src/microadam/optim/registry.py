@@ -41,6 +41,8 @@ class OptimizerSpec:
         grouping: how a module is split into param groups: ``"decay"`` (see
             :func:`param_groups`), ``"muon"`` (matrices to Muon, the rest to AdamW) or
             ``"flat"`` (one group, for the single-group line-search methods).
+        watches_attention: whether, built from a module, the optimizer is handed it to
+            watch its attention layers (``opt.watch(model, strict=False)``, MuonClip).
     """
 
     name: str
@@ -51,6 +53,7 @@ class OptimizerSpec:
     preset: dict[str, Any] = field(default_factory=dict)
     requires: str | None = None
     grouping: str = "decay"
+    watches_attention: bool = False
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -115,6 +118,14 @@ for _spec in (
         "microadam.Muon (AdamW for non-matrices)",
         "4 for matrices, 8 for the AdamW part",
         grouping="muon",
+    ),
+    OptimizerSpec(
+        "muonclip",
+        "microadam.optim.muonclip:MuonClip",
+        "microadam.MuonClip (Muon + QK-clip; AdamW for non-matrices)",
+        "4 for matrices, 8 for the AdamW part; + 8 bytes per attention head",
+        grouping="muon",
+        watches_attention=True,
     ),
     OptimizerSpec(
         "newton",
@@ -269,7 +280,11 @@ def create_optimizer(
             (:func:`microadam.optim.muon.muon_param_groups`); for ``galore_adamw``, 2-D
             matrices get GaLore's projection (:func:`galore_param_groups`, whose ``rank``,
             ``update_proj_gap``, ``scale`` and ``proj_type`` may be passed here); the
-            closure-based ``lbfgs``, ``newton`` and ``bfgs`` take one flat group.
+            closure-based ``lbfgs``, ``newton`` and ``bfgs`` take one flat group. For
+            ``muonclip`` the groups are ``muon``'s and the optimizer then watches every
+            attention layer it recognises (``nn.MultiheadAttention``, the bench's TinyGPT
+            blocks; see :meth:`microadam.optim.muonclip.MuonClip.watch`); given parameters
+            instead of a module, call ``opt.watch(model)`` yourself.
         **hyperparameters: passed unchanged to the optimizer class; an unknown keyword
             raises ``TypeError`` there.
 
@@ -303,5 +318,30 @@ def create_optimizer(
         else:
             params = param_groups(params_or_model)
     else:
-        params = list(params_or_model)
-    return cls(params, **kwargs)
+        params = _as_param_list(params_or_model)
+    opt = cls(params, **kwargs)
+    if spec.watches_attention and isinstance(params_or_model, nn.Module):
+        opt.watch(params_or_model, strict=False)
+    return opt
+
+
+def _as_param_list(params: Any) -> list[Any]:
+    """``params`` as a list, refusing what ``torch.optim`` refuses or would misread: a bare
+    tensor (iterating it would give its rows), a single dict (its keys), ``None``."""
+    expected = "an nn.Module, an iterable of tensors or an iterable of param groups (dicts)"
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            f"params_or_model should be {expected}, but got a {torch.typename(params)}; "
+            "wrap a single parameter in a list: [param]"
+        )
+    if isinstance(params, dict):
+        raise TypeError(
+            f"params_or_model should be {expected}, but got a dict; wrap a single param "
+            "group in a list: [group]"
+        )
+    try:
+        return list(params)
+    except TypeError:
+        raise TypeError(
+            f"params_or_model should be {expected}, but got {type(params).__name__}"
+        ) from None
