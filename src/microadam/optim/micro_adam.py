@@ -26,7 +26,6 @@ from microadam.compress.quant import (
     encode,
     expand_buckets,
     pack_nibbles,
-    packed_numel,
     quantize,
     uniform_noise,
     unpack_nibbles,
@@ -50,6 +49,7 @@ from microadam.optim._common import (
     params_by_saved_id,
     params_with_grad,
 )
+from microadam.optim.micro_adam_state import expected_state, memory_formula
 
 __all__ = [
     "DEFAULT_QUANT_BLOCK_SIZE",
@@ -497,14 +497,16 @@ class MicroAdam(Optimizer):
         :meth:`load_state_dict` with a ``ValueError`` naming the parameter and both shard
         counts.
 
-    Memory: for a parameter of :math:`d` elements, with :math:`k` entries kept per step,
-    the state is ``window_indices`` (int16, :math:`2mk` bytes), ``window_values``
-    (:math:`2mk` bytes in bf16), ``ef_codes`` (:math:`\lceil d/2\rceil` bytes at 4 bits,
-    :math:`d` at 8) and ``ef_min``/``ef_max`` (bf16, :math:`4\lceil d/Q\rceil` bytes):
-    :math:`0.5d + 4mk + 4\lceil d/Q\rceil` bytes, about 0.92 bytes per parameter at the
-    defaults (m = 10, density 1%, Q = 256). ``error_feedback=False`` drops the last two.
-    ``step`` uses scratch memory for one chunk of blocks (about 2^22 elements on an
-    accelerator, 2^15 on the CPU), never a float32 copy of the whole parameter.
+    Memory: for a parameter of :math:`d` elements, with :math:`k` entries kept per step in
+    each of the :math:`m` window rows and error-feedback buckets of :math:`Q` elements, the
+    state is (:data:`microadam.optim.micro_adam_state.STATE_LAYOUT`, the one definition):
+
+    {state_layout}
+
+    In all :math:`0.5d + 4mk + 4\lceil d/Q\rceil` bytes, about 0.92 bytes per parameter
+    at the defaults (m = 10, density 1%, Q = 256). ``step`` uses scratch memory for one
+    chunk of blocks (about 2^22 elements on an accelerator, 2^15 on the CPU), never a
+    float32 copy of the whole parameter.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -613,45 +615,21 @@ class MicroAdam(Optimizer):
 
     # -- state -------------------------------------------------------------------------
 
-    @staticmethod
-    def _layout(p: torch.Tensor, group: dict[str, Any]) -> TopKLayout:
-        # A DTensor parameter (FSDP2) is handled on its local shard.
-        return topk_layout(_sharding.local(p).numel(), group["topk_block_size"], group["density"])
-
-    def _expected_shapes(
+    def _expected_state(
         self, p: torch.Tensor, group: dict[str, Any], numel: int | None = None
-    ) -> dict[str, tuple]:
-        """State shapes of ``p`` (of its local shard for a DTensor; of ``numel`` elements
-        if given)."""
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype, bool]]:
+        """``key -> (shape, dtype, on_cpu)`` of ``p``'s state (of its local shard for a
+        DTensor; of ``numel`` elements if given), from :data:`STATE_LAYOUT`."""
         d = _sharding.local(p).numel() if numel is None else numel
-        k = topk_layout(d, group["topk_block_size"], group["density"]).k
-        shapes = {
-            "window_indices": (group["window_size"], k),
-            "window_values": (group["window_size"], k),
-        }
-        if group["error_feedback"]:
-            buckets = -(-d // group["quant_block_size"])
-            shapes["ef_codes"] = (packed_numel(d, group["quant_bits"]),)
-            shapes["ef_min"] = (buckets,)
-            shapes["ef_max"] = (buckets,)
-        return shapes
+        return expected_state(d, group)
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if len(state) == 0:
-            shapes = self._expected_shapes(p, group)
-            dev = p.device
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["window_indices"] = torch.zeros(
-                shapes["window_indices"], dtype=torch.int16, device=dev
-            )
-            state["window_values"] = torch.zeros(
-                shapes["window_values"], dtype=group["value_dtype"], device=dev
-            )
-            if group["error_feedback"]:
-                state["ef_codes"] = torch.zeros(shapes["ef_codes"], dtype=torch.uint8, device=dev)
-                state["ef_min"] = torch.zeros(shapes["ef_min"], dtype=torch.bfloat16, device=dev)
-                state["ef_max"] = torch.zeros(shapes["ef_max"], dtype=torch.bfloat16, device=dev)
+            for key, (shape, dtype, on_cpu) in self._expected_state(p, group).items():
+                if key != "rng_seed":  # drawn below, also when rounding changes later
+                    device = "cpu" if on_cpu else p.device
+                    state[key] = torch.zeros(shape, dtype=dtype, device=device)
         if group["rounding"] == "stochastic" and "rng_seed" not in state:
             seed = int(torch.randint(0, 2**62, (1,)).item())
             state["rng_seed"] = torch.tensor(seed, dtype=torch.int64)
@@ -666,30 +644,31 @@ class MicroAdam(Optimizer):
     def _check_state(self, p, group, state, origin: str) -> None:
         """Raise if ``state`` does not fit parameter ``p`` under ``group``'s settings."""
         where = LazyText(lambda: self._describe(p))
-        for key, shape in self._expected_shapes(p, group).items():
+        for key, (shape, dtype, _) in self._expected_state(p, group).items():
             if key not in state:
+                if key == "rng_seed":  # drawn at the next step (rounding switched later)
+                    continue
                 raise RuntimeError(
                     f"MicroAdam state of {where} has no {key!r}, which {origin} need "
                     "(error_feedback cannot be switched on after the first step)"
                 )
-            got = tuple(state[key].shape)
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise RuntimeError(
+                    f"MicroAdam state of {where}: {key} is a {type(value).__name__}, "
+                    "expected a tensor"
+                )
+            got = tuple(value.shape)
             if got != shape:
                 raise RuntimeError(
                     f"MicroAdam state of {where}: {key} has shape {got}, expected {shape} "
                     f"from {origin} (param shape {tuple(p.shape)}, window_size, density, "
                     "block sizes and quant_bits cannot change after the first step)"
                 )
-        expected_dtypes = {
-            "window_indices": torch.int16,
-            "window_values": group["value_dtype"],
-            "ef_codes": torch.uint8,
-            "ef_min": torch.bfloat16,
-            "ef_max": torch.bfloat16,
-        }
-        for key, dtype in expected_dtypes.items():
-            if key in state and state[key].dtype != dtype:
+            # A step count of any real dtype is taken, as torch.optim takes it.
+            if key != "step" and value.dtype != dtype:
                 raise RuntimeError(
-                    f"MicroAdam state of {where}: {key} has dtype {state[key].dtype}, "
+                    f"MicroAdam state of {where}: {key} has dtype {value.dtype}, "
                     f"expected {dtype} from {origin}"
                 )
 
@@ -856,7 +835,10 @@ class MicroAdam(Optimizer):
                 continue
             where = LazyText(lambda p=p: self._describe(p))
             biggest = math.prod(_sharding.max_local_shape(p))
-            max_shapes = {**self._expected_shapes(p, group, biggest), "rng_seed": ()}
+            max_shapes = {
+                key: shape for key, (shape, _, _) in self._expected_state(p, group, biggest).items()
+            }
+            max_shapes["rng_seed"] = ()
             state = dict(sd["state"][pid])  # a new dict: the packed one is self.state[p]
             for key, value in state.items():
                 if key != "step" and isinstance(value, torch.Tensor):
@@ -899,7 +881,7 @@ class MicroAdam(Optimizer):
                     shape = ()
                 else:
                     try:
-                        shape = self._expected_shapes(p, ids[pid][1]).get(key)
+                        shape = self._expected_state(p, ids[pid][1]).get(key, (None,))[0]
                     except (KeyError, TypeError):  # bad settings: the checks report them
                         shape = None
                     if shape is None:  # not a key of this layout: the checks report it
@@ -950,6 +932,11 @@ class MicroAdam(Optimizer):
             # written on any path and device continues on the path this optimizer has.
             keep_group_keys=("fused",),
         )
+
+
+MicroAdam.__doc__ = MicroAdam.__doc__.replace(
+    "{state_layout}", memory_formula().replace("\n", "\n    ")
+)
 
 
 def choose_path(
