@@ -1,11 +1,12 @@
-"""Non-finite gradients never reach the state: both MicroAdam paths and Adapprox.
+"""Non-finite gradients never reach the state: MicroAdam's paths, Adapprox and Muon.
 
 The documented policy (MicroAdam's "Non-finite gradients" note): ``step`` raises
-``RuntimeError`` naming the parameter, and every parameter and state buffer stays as it
-was, so the caller can skip the batch and go on. Checked here for the pure-PyTorch step
-(``fused=False``), the fused kernel (``fused=True``) and a step that mixes the two (a
-float64 parameter, which the kernel does not cover, beside float32 ones), at the first
-step (no state yet) and later, for NaN, +inf and -inf in either parameter.
+``NonFiniteGradientError`` (a ``RuntimeError``) naming the parameter, and every parameter
+and state buffer stays as it was, so the caller can skip the batch and go on. Checked here
+for the pure-PyTorch step (``fused=False``), the fused kernel (``fused=True``) and a step
+that mixes the two (a float64 parameter, which the kernel does not cover, beside float32
+ones), at the first step (no state yet) and later, for NaN, +inf and -inf in either
+parameter.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from microadam import Adapprox, MicroAdam
+from microadam import Adapprox, MicroAdam, NonFiniteGradientError
 from microadam.kernels import micro_adam_cpu as kernel
+from microadam.optim import Muon, MuonClip
 
 BAD = [float("nan"), float("inf"), -float("inf")]
 
@@ -97,7 +99,7 @@ def test_micro_adam_non_finite_gradient_raises_and_changes_nothing(
     params[bad_param].grad[params[bad_param].numel() // 2] = bad
     shape = tuple(params[bad_param].shape)
     with pytest.raises(
-        RuntimeError,
+        NonFiniteGradientError,
         match=rf"non-finite gradient \(NaN or inf\) for parameter {bad_param} of param group 0 "
         rf"\(shape \({shape[0]},\)\); nothing was updated",
     ):
@@ -154,6 +156,31 @@ def test_adapprox_non_finite_gradient_after_steps_changes_nothing(bad):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         params[bad_param].grad.view(-1)[5] = bad
-        with pytest.raises(RuntimeError, match=rf"non-finite gradient .* parameter {bad_param} "):
+        with pytest.raises(
+            NonFiniteGradientError, match=rf"non-finite gradient .* parameter {bad_param} "
+        ):
             opt.step()
         _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("cls", [Muon, MuonClip])
+@pytest.mark.parametrize("bad", BAD, ids=["nan", "inf", "-inf"])
+def test_muon_non_finite_gradient_changes_nothing(cls, bad):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
+    b = torch.nn.Parameter(torch.randn(6, generator=gen))
+    opt = cls([{"params": [w]}, {"params": [b], "use_muon": False}])
+    for _ in range(2):
+        w.grad, b.grad = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+        opt.step()
+    snapshot = _snapshot(opt, [w, b])
+    for bad_param, where in (
+        (w, "parameter 0 of param group 0"),
+        (b, "parameter 0 of param group 1"),
+    ):
+        w.grad, b.grad = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+        bad_param.grad.view(-1)[3] = bad
+        with pytest.raises(NonFiniteGradientError) as info:
+            opt.step()
+        assert str(info.value).startswith(f"Muon: non-finite gradient (NaN or inf) for {where} ")
+        _assert_unchanged(opt, [w, b], snapshot)

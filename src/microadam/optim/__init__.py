@@ -1,5 +1,6 @@
 """Optimizers: one module per family, and the registry that names them all."""
 
+from microadam.optim._common import NonFiniteGradientError
 from microadam.optim.adapprox import Adapprox
 from microadam.optim.bfgs import BFGS
 from microadam.optim.micro_adam import MicroAdam
@@ -23,6 +24,7 @@ __all__ = [
     "Muon",
     "MuonClip",
     "Newton",
+    "NonFiniteGradientError",
     "OptimizeResult",
     "OptimizerSpec",
     "create_optimizer",

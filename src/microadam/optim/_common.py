@@ -11,12 +11,16 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from microadam.optim import _sharding
+
 __all__ = [
     "FORMAT_KEYS",
     "LazyText",
+    "NonFiniteGradientError",
     "all_finite",
     "base_load_state_dict",
     "check_betas",
+    "check_finite_gradients",
     "check_flag",
     "check_int",
     "check_is_state_dict",
@@ -32,6 +36,7 @@ __all__ = [
     "load_checked_state_dict",
     "params_by_saved_id",
     "params_with_grad",
+    "run_closure",
     "tensor_steps",
 ]
 
@@ -112,6 +117,47 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
     if finite:
         return None
     return next(i for i, t in enumerate(tensors) if not all_finite(t))
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient held NaN or inf, so ``step`` updated nothing (parameters and state are as
+    they were): skip the batch, lower the learning rate, or clip gradients."""
+
+
+def non_finite_gradient(name: str, where: Any) -> NonFiniteGradientError:
+    return NonFiniteGradientError(
+        f"{name}: non-finite gradient (NaN or inf) for {where}; nothing was updated. Skip "
+        "this batch (zero_grad() and continue), lower the learning rate, or use gradient "
+        "clipping or a GradScaler"
+    )
+
+
+def check_finite_gradients(
+    name: str, params: Sequence[torch.Tensor], describe: Callable[[torch.Tensor], str]
+) -> None:
+    """Raise :class:`NonFiniteGradientError` naming the first of ``params`` whose gradient is
+    not finite. Plain gradients are checked together (:func:`first_non_finite`: one host
+    read per device); a DTensor's local shard is checked and the verdict agreed over the
+    ranks, so that every rank raises or none does."""
+    plain = [p for p in params if not _sharding.is_dtensor(p)]
+    bad = first_non_finite([p.grad for p in plain])
+    if bad is not None:
+        raise non_finite_gradient(name, describe(plain[bad]))
+    sharded = [p for p in params if _sharding.is_dtensor(p)]
+    if sharded:
+        finite = [all_finite(_sharding.local(p.grad)) for p in sharded]
+        finite = _sharding.all_ranks_agree(finite, sharded)
+        if not all(finite):
+            raise non_finite_gradient(name, describe(sharded[finite.index(False)]))
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """The loss of ``closure`` evaluated with gradients enabled (``step`` runs under
+    ``no_grad``), or None without a closure: the opening of every ``step``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 # Keys that mark the state dicts of this package's optimizers, and whose they are.

@@ -18,8 +18,8 @@ from torch.optim import Optimizer
 from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
-    all_finite,
     check_betas,
+    check_finite_gradients,
     check_flag,
     check_int,
     check_lr,
@@ -31,6 +31,7 @@ from microadam.optim._common import (
     load_checked_state_dict,
     params_by_saved_id,
     params_with_grad,
+    run_closure,
 )
 
 __all__ = [
@@ -54,6 +55,21 @@ STATE_FORMAT_VERSION = 1
 # State keys that live on the CPU whatever the parameter's device.
 _CPU_KEYS = ("step", "rng_state")
 _FLOORS = ("gradient", "zero")
+# The keyword arguments of adapprox_step_ besides lr, read from a param group.
+_STEP_ARGUMENTS = (
+    "betas",
+    "eps",
+    "weight_decay",
+    "clip_threshold",
+    "min_rank",
+    "max_rank",
+    "rank_step",
+    "rank_tolerance",
+    "power_iterations",
+    "oversampling",
+    "second_moment_floor",
+    "maximize",
+)
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -263,7 +279,6 @@ def adapprox_step_(
     oversampling: int,
     second_moment_floor: str,
     maximize: bool,
-    **_unused: Any,
 ) -> None:
     """One Adapprox step of one parameter, in place on ``param`` and ``state``.
 
@@ -715,36 +730,19 @@ class Adapprox(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns
                 the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = run_closure(closure)
         # Check every gradient before touching anything, so a bad one changes nothing.
-        work = params_with_grad("Adapprox", self.param_groups)
         # A DTensor parameter (FSDP2) steps on its local shard (to_local() views the local
         # storage, so the update lands in the parameter) and factors the local rows only.
-        finite = [all_finite(_sharding.local(p.grad)) for _, p in work]
-        sharded = [p for _, p in work if _sharding.is_dtensor(p)]
-        if sharded:  # every rank must take the same decision
-            finite = _sharding.all_ranks_agree(finite, sharded)
-        if not all(finite):
-            p = work[finite.index(False)][1]
-            raise RuntimeError(
-                f"Adapprox: non-finite gradient (NaN or inf) for {self._describe(p)}; "
-                "nothing was updated. Skip this batch (zero_grad() and continue), "
-                "lower the learning rate, or use gradient clipping or a GradScaler"
-            )
+        work = params_with_grad("Adapprox", self.param_groups)
+        check_finite_gradients("Adapprox", [p for _, p in work], self._describe)
         states = [self._init_state(p, group) for group, p in work]
 
         for (group, p), state in zip(work, states, strict=True):
             lr = group["lr"]
-            adapprox_step_(
-                _sharding.local(p),
-                _sharding.local(p.grad),
-                state,
-                **{**group, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr},
-            )
+            hyper = {key: group[key] for key in _STEP_ARGUMENTS}
+            hyper["lr"] = lr.item() if isinstance(lr, torch.Tensor) else lr
+            adapprox_step_(_sharding.local(p), _sharding.local(p.grad), state, **hyper)
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------

@@ -35,19 +35,20 @@ from microadam.compress.window import window_direction
 from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
-    all_finite,
     check_betas,
+    check_finite_gradients,
     check_flag,
     check_int,
     check_lr,
     check_nonnegative,
     check_number,
     describe_param,
-    first_non_finite,
     lift_format_key,
     load_checked_state_dict,
+    non_finite_gradient,
     params_by_saved_id,
     params_with_grad,
+    run_closure,
 )
 from microadam.optim.micro_adam_state import expected_state, memory_formula
 
@@ -268,7 +269,6 @@ def micro_adam_step_(
     maximize: bool,
     chunk_size: int | None = None,
     max_aligned_chunk: int | None = None,
-    **_unused: Any,
 ) -> None:
     """One MicroAdam step of one parameter, in place on ``param`` and ``state``.
 
@@ -685,34 +685,21 @@ class MicroAdam(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns
                 the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = run_closure(closure)
         # Check every gradient before touching anything, so a bad one changes nothing.
         # A DTensor parameter (FSDP2) steps on its local shard: to_local() views the local
         # storage, so the in-place update lands in the parameter; its state is per shard.
         work = []  # (group, p, local p, local grad, path)
-        sharded, unchecked = [], []
         for group, p in params_with_grad("MicroAdam", self.param_groups):
             lp, lg = _sharding.local(p), _sharding.local(p.grad)
-            path = self._path(group, p, lp, lg)
-            if _sharding.is_dtensor(p):
-                sharded.append(p)
-            elif path != "cpu":
-                unchecked.append((p, lg))
-            work.append((group, p, lp, lg, path))
-        # One check for all of them: one host read per device, not one sync per parameter.
-        bad = first_non_finite([lg for _, lg in unchecked])
-        if bad is not None:
-            self._raise_non_finite(unchecked[bad][0])
-        if sharded:
-            # Every rank must take the same decision, or the ranks would drift apart.
-            finite = [all_finite(_sharding.local(p.grad)) for p in sharded]
-            finite = _sharding.all_ranks_agree(finite, sharded)
-            if not all(finite):
-                self._raise_non_finite(sharded[finite.index(False)])
+            work.append((group, p, lp, lg, self._path(group, p, lp, lg)))
+        # All at once (one host read per device; DTensors agreed over the ranks), except
+        # plain parameters on the fused CPU path: the kernel checks those itself.
+        check_finite_gradients(
+            "MicroAdam",
+            [p for _, p, _, _, path in work if path != "cpu" or _sharding.is_dtensor(p)],
+            self._describe,
+        )
         # The fused CPU kernel checks the gradients of every parameter it steps (on its
         # first call of the step, in the same parallel region) and updates nothing if one
         # is bad.
@@ -758,11 +745,7 @@ class MicroAdam(Optimizer):
         return loss
 
     def _raise_non_finite(self, p: torch.Tensor) -> None:
-        raise RuntimeError(
-            f"MicroAdam: non-finite gradient (NaN or inf) for {self._describe(p)}; "
-            "nothing was updated. Skip this batch (zero_grad() and continue), "
-            "lower the learning rate, or use gradient clipping or a GradScaler"
-        )
+        raise non_finite_gradient("MicroAdam", self._describe(p))
 
     def _path(
         self, group: dict[str, Any], p: torch.Tensor, lp: torch.Tensor, lg: torch.Tensor

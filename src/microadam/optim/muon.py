@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from microadam.optim._common import (
     check_betas,
+    check_finite_gradients,
     check_flag,
     check_int,
     check_lr,
@@ -30,6 +31,7 @@ from microadam.optim._common import (
     is_real_number,
     load_checked_state_dict,
     params_with_grad,
+    run_closure,
 )
 
 __all__ = [
@@ -171,7 +173,6 @@ def muon_update_(
     eps: float,
     adjust_lr_fn: str | None,
     ns_dtype: torch.dtype,
-    **_unused: Any,
 ) -> None:
     """One Muon step of one 2-D parameter, in place on ``param`` and ``momentum_buffer``.
 
@@ -200,7 +201,6 @@ def adamw_update_(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    **_unused: Any,
 ) -> None:
     """One AdamW step of one parameter, in place on ``param`` and the state tensors.
 
@@ -501,13 +501,17 @@ class Muon(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns
                 the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        return self._muon_step(closure)
 
+    def _muon_step(self, closure=None):
+        """The body of :meth:`step`: torch wraps every class's ``step`` to run the step
+        hooks, so a subclass that extends the step calls this, not ``super().step``."""
+        loss = run_closure(closure)
         # Check every gradient before touching anything, so a bad one changes nothing.
         work = params_with_grad("Muon", self.param_groups)
+        check_finite_gradients(
+            "Muon", [p for _, p in work], lambda p: describe_param(self.param_groups, p)
+        )
         for group, p in work:
             if group["use_muon"] and p.grad.shape != p.shape:
                 raise RuntimeError(
@@ -516,12 +520,12 @@ class Muon(Optimizer):
                 )
 
         for group, p in work:
-            lr = group["lr"]
-            h = {**group, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr}
             state = self._init_state(p, group)
             if group["use_muon"]:
+                h = _arguments(group, _MUON_ARGUMENTS)
                 muon_update_(p, p.grad, state["momentum_buffer"], **h)
             else:
+                h = _arguments(group, _ADAMW_ARGUMENTS)
                 adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **h)
         return loss
 
@@ -594,6 +598,26 @@ class Muon(Optimizer):
 
     def _after_load(self) -> None:
         """Run after the state is loaded, before the load post-hooks."""
+
+
+# The keyword arguments of muon_update_ and adamw_update_ besides lr, read from a group.
+_MUON_ARGUMENTS = (
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "ns_coefficients",
+    "ns_steps",
+    "eps",
+    "adjust_lr_fn",
+    "ns_dtype",
+)
+_ADAMW_ARGUMENTS = ("betas", "eps", "weight_decay")
+
+
+def _arguments(group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``lr`` (a tensor lr read once) and ``keys`` of ``group``, for an update function."""
+    lr = group["lr"]
+    return {"lr": lr.item() if isinstance(lr, torch.Tensor) else lr, **{k: group[k] for k in keys}}
 
 
 def _as_tuple(x: Any) -> Any:

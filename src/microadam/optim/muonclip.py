@@ -686,7 +686,7 @@ class MuonClip(Muon):
             closure (Callable, optional): A closure that reevaluates the model and returns
                 the loss (its forward pass is recorded for this step's clip).
         """
-        loss = super().step(closure)
+        loss = self._muon_step(closure)  # not super().step(): its hooks would run twice
         if not self._qk_watched:
             return loss
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
