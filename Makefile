@@ -1,7 +1,8 @@
 # The two commands a fresh clone needs (see README):
 #   make demo   - quick bench: MicroAdam vs AdamW vs Adafactor on a byte-level LM, from
 #                 scratch and fine-tuned from a pretrained model (the main job)
-#   make test   - lint + the whole test suite
+#   make test   - the full check CI runs: lint, format check, the whole test suite
+#   make test-fast - lint and the tests not marked slow (about a minute less)
 #
 # Torch: if the virtual environment already has torch, it is kept. Otherwise
 # $(TORCH_SPEC) is installed; the default pin resolves to a local CPU wheel on
@@ -16,7 +17,9 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= all
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+LINTED := src tests examples benchmarks
+
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +34,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/microadam demo
 
-test: install
-	$(BIN)/ruff check src tests examples
+test: lint
 	$(BIN)/python -m pytest -q
 
+test-fast: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
