@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from microadam.compress.low_rank import adaptive_low_rank, candidate_ranks
 from microadam.memory import state_bytes
-from microadam.optim.adapprox import Adapprox, adaptive_low_rank, candidate_ranks, matrix_shape
+from microadam.optim.adapprox import Adapprox, matrix_shape
 from reference.adapprox_reference import DenseAdapproxReference
 
 SHAPES = [(7, 5), (4, 9), (3, 2, 4), (6,), ()]  # matrices both ways, a 3-D tensor, 1-D, 0-D

@@ -1,10 +1,12 @@
-"""Pure tensor functions behind MicroAdam: block Top-K, bucket quantization with 4-bit
-packing and stochastic rounding, and the sliding-window moment statistics.
+"""Pure tensor functions behind MicroAdam and Adapprox: block Top-K, bucket quantization
+with 4-bit packing and stochastic rounding, the sliding-window moment statistics, and the
+adaptive randomized low-rank factorisation.
 
 Nothing here holds state or knows about ``torch.optim``; every function is tested on its
 own (tests/compress) and reused by the optimizer and by the fused kernels' tests.
 """
 
+from microadam.compress.low_rank import adaptive_low_rank, candidate_ranks
 from microadam.compress.quant import (
     bucket_range,
     code_levels,
@@ -23,8 +25,10 @@ from microadam.compress.window import window_ages, window_direction
 
 __all__ = [
     "TopKLayout",
+    "adaptive_low_rank",
     "block_topk",
     "bucket_range",
+    "candidate_ranks",
     "code_levels",
     "decode",
     "dequantize",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from microadam.compress.low_rank import adaptive_low_rank
 from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
@@ -37,12 +38,10 @@ from microadam.optim._common import (
 __all__ = [
     "Adapprox",
     "adapprox_step_",
-    "adaptive_low_rank",
-    "candidate_ranks",
     "matrix_shape",
 ]
 
-# Defaults of the rank search, chosen by the measurement in the class docstring (the paper's
+# Defaults of the rank search, chosen by the measurement of docs/adapprox.md (the paper's
 # own constants were not available to us).
 DEFAULT_MIN_RANK = 1
 DEFAULT_MAX_RANK = 32
@@ -114,97 +113,6 @@ def matrix_shape(param: torch.Tensor) -> tuple[int, int] | None:
     if param.dim() < 2 or param.numel() == 0:
         return None
     return param.shape[0], param.numel() // param.shape[0]
-
-
-def candidate_ranks(m: int, n: int, min_rank: int, max_rank: int, rank_step: int) -> list[int]:
-    """Ranks tried, in order, for an ``m x n`` matrix: ``min_rank``, ``min_rank + rank_step``,
-    ... and finally ``max_rank``, all capped at ``min(m, n)``."""
-    top = min(max_rank, m, n)
-    low = min(min_rank, top)
-    ranks = list(range(low, top, rank_step))
-    ranks.append(top)
-    return ranks
-
-
-def _t_matmul(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``a.T @ y``, computed as ``(y.T @ a).T``: for the narrow ``y`` of the rank search
-    this is several times faster with CPU BLAS (measured 0.4 vs 4 ms at 1024 x 4)."""
-    return (y.T @ a).T
-
-
-def _orthonormalize_against(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning ``y`` with ``basis``'s span projected out.
-
-    Project-then-QR twice: after one pass a block that was almost inside ``basis`` is
-    rounding noise whose normalized columns need projecting again.
-    """
-    for _ in range(2 if basis.shape[1] else 1):
-        if basis.shape[1]:
-            y = y - basis @ (basis.T @ y)
-        y = torch.linalg.qr(y).Q
-    return y
-
-
-def adaptive_low_rank(
-    a: torch.Tensor,
-    *,
-    min_rank: int,
-    max_rank: int,
-    rank_step: int,
-    rank_tolerance: float,
-    power_iterations: int,
-    oversampling: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Adaptive streamlined randomized subspace iteration (AS-RSI) of ``a`` (m x n).
-
-    Returns ``(Q, U, err)`` with ``Q`` (m x k) orthonormal, ``U = A^T Q`` (n x k) and
-    ``A ~ Q U^T``, where ``k`` is the first rank of :func:`candidate_ranks` whose relative
-    Frobenius error ``err = ||A - Q U^T||_F / ||A||_F`` is at most ``rank_tolerance``, or
-    the last candidate (``max_rank`` capped at ``min(m, n)``) if none is.
-
-    The basis grows in blocks: for a candidate ``k`` the basis needs
-    ``s = min(k + oversampling, m, n)`` columns, and the missing ones come from a fresh
-    Gaussian block ``Omega`` drawn from ``generator``: ``Y = A Omega``, orthonormalized
-    against the basis, then ``power_iterations`` times ``Y = A qr(A^T Y)`` orthonormalized
-    again; ``U`` gains ``A^T Y``. A basis wider than ``k`` (oversampling) is cut to the
-    best rank ``k`` by an SVD of the small factor ``U`` (n x s). Since ``Q`` has orthonormal
-    columns and ``U = A^T Q``, ``||A - Q U^T||_F^2 = ||A||_F^2 - ||U||_F^2``, which is how
-    the error is measured without forming ``Q U^T`` for every candidate (in float32 this
-    cannot resolve relative errors much below 1e-3). At ``k = min(m, n)`` the factors
-    reproduce a full-rank ``A`` up to rounding. An all-zero ``A`` gives zero factors of the
-    first candidate rank and error 0.
-    """
-    m, n = a.shape
-    full = min(m, n)
-    ranks = candidate_ranks(m, n, min_rank, max_rank, rank_step)
-    norm_sq = torch.sum(a * a).item()
-    if norm_sq == 0.0:
-        k = ranks[0]
-        return a.new_zeros((m, k)), a.new_zeros((n, k)), 0.0
-    basis, u_basis = a.new_zeros((m, 0)), a.new_zeros((n, 0))
-    for k in ranks:
-        s = min(k + oversampling, full)
-        width = s - basis.shape[1]
-        if width > 0:
-            omega = torch.randn((n, width), generator=generator, dtype=a.dtype, device=a.device)
-            y = _orthonormalize_against(a @ omega, basis)
-            for _ in range(power_iterations):
-                w = torch.linalg.qr(_t_matmul(a, y)).Q
-                y = _orthonormalize_against(a @ w, basis)
-            basis = torch.cat([basis, y], dim=1)
-            u_basis = torch.cat([u_basis, _t_matmul(a, y)], dim=1)
-        if s > k:
-            # u = W diag(S) Zh, so Q u^T = (Q Zh^T) diag(S) W^T: keep the top k triplets.
-            w, sv, zh = torch.linalg.svd(u_basis, full_matrices=False)
-            q, u = basis @ zh[:k].T, w[:, :k] * sv[:k]
-        else:
-            q, u = basis, u_basis
-        captured = torch.sum(u * u).item()
-        err = math.sqrt(max(norm_sq - captured, 0.0) / norm_sq)
-        if err <= rank_tolerance:
-            break
-    return q, u, err
 
 
 def _mul_pow2_(t: torch.Tensor, e: int) -> torch.Tensor:
@@ -460,56 +368,17 @@ class Adapprox(Optimizer):
         ``Generator.get_state()``), seeded from torch's default generator when the state is
         created, so ``torch.manual_seed`` makes runs repeatable and a resumed checkpoint
         draws the same sketches as the uninterrupted run. :meth:`load_state_dict` keeps
-        every state tensor's saved dtype: torch's default casts every state tensor of a
-        floating parameter to the parameter's dtype, which would turn the generator state
-        into floats (and the float32 factors of a bf16 parameter into bf16).
+        the generator state's bytes (torch's default would cast it to the parameter's
+        floating dtype) and puts the floating buffers in the dtype the parameter computes
+        in (float32 for a bf16 parameter, not bf16).
 
     .. note::
         Choosing the defaults. The paper's AS-RSI constants were not available to us, so
-        the defaults come from this measurement: an MLP 64-128-128-4 (ReLU) regressing a
-        fixed nonlinear target of inputs whose 64 features are scaled from 0.01 to 10 (an
-        ill-conditioned problem, where the second moment matters), batch 64, 400 steps, lr
-        3e-3, betas (0.9, 0.999), 3 seeds; CPU, 1 thread, torch 2.13. "loss": held-out MSE
-        after training, mean of the seeds (the seeds differ by up to 0.08 from each other;
-        on one seed the "gradient" rows differ by about 0.01, which is noise); "k": mean
-        rank of the 128 x 128 matrix over the run; "clip": the largest RMS clip factor seen
-        after step 20 (a blow-up shows as a huge factor); "ms": mean time of one ``step``
-        on a shared 2-core machine (noisy).
-        Unlisted settings are the defaults.
-
-        ======================================  ======  =====  =======  ====
-        setting                                  loss     k     clip     ms
-        ======================================  ======  =====  =======  ====
-        torch.optim.AdamW (reference)            0.174    --       --   0.4
-        full rank (exact dense V)                0.188    128       6   6.2
-        floor "zero", tolerance 0.3              0.169    1.2   23440   2.1
-        floor "zero", tolerance 0.1              0.235    5.5   27124   3.5
-        floor "zero", tolerance 0.05             0.234   11.1   27660   3.9
-        tolerance 0.5                            0.167    1.0       6   2.8
-        tolerance 0.2                            0.171    3.8       6   3.3
-        **tolerance 0.1 (default)**              0.174    6.2       7   3.8
-        tolerance 0.05                           0.176   10.7       7   3.5
-        tolerance 0.02                           0.173   23.6       7   5.2
-        tolerance 0.1, rank_step 1               0.168    2.9       7   3.1
-        tolerance 0.1, rank_step 8               0.175    9.1       7   3.1
-        tolerance 0.1, power_iterations 0        0.169    4.2       7   2.4
-        tolerance 0.1, power_iterations 2        0.172    6.6       7   3.4
-        tolerance 0.1, oversampling 4            0.170    6.4       7   3.4
-        ======================================  ======  =====  =======  ====
-
-        Reading: with the "zero" floor, every tolerance that picks ranks between 2 and ~25
-        blows up (near-zero :math:`\hat V` entries) and trains worse; with the "gradient"
-        floor every setting trains like AdamW, so the remaining choice is memory against
-        fidelity. Tolerance 0.1 keeps :math:`V` to 10% relative error at about a tenth of
-        the dense second moment here (6.2 x 256 vs 128 x 128 numbers); looser tolerances
-        drift toward rank 1 (an Adafactor-like factorization, which the paper improves on).
-        ``rank_step`` 4 rather than 1: step 1 finds smaller ranks but may run up to
-        ``max_rank`` candidates, each a few small kernels and one host sync (we could not
-        time a GPU). One power iteration is the usual randomized-SVD advice; oversampling
-        made no difference here. ``max_rank`` 32 (8 and 64 were indistinguishable on this
-        task, whose ranks stay far below) bounds the factors at :math:`128(m+n)` bytes.
-        Cost: on a 1024 x 1024 matrix whose moment needs ``max_rank`` (the worst case, all
-        9 candidates), one step took about 45 ms against 3.5 ms for AdamW (CPU, 1 thread).
+        the defaults come from a measurement on an ill-conditioned MLP regression
+        (docs/adapprox.md): with the ``"zero"`` floor, tolerances that pick ranks between 2
+        and ~25 blow up (near-zero :math:`\hat V` entries); with the ``"gradient"`` floor
+        every setting trains like AdamW, and tolerance 0.1 keeps :math:`V` to 10% relative
+        error at about a tenth of the dense second moment's size.
 
     .. note::
         FSDP2. A DTensor parameter (``fully_shard``, sharded on dim 0) is stepped on its
