@@ -451,10 +451,9 @@ class MicroAdam(Optimizer):
     .. note::
         The fused CPU step. On the CPU, parameters of float32, bfloat16 or float16 with
         gradients of the same dtype and a ``value_dtype`` among those three take a fused
-        C++/OpenMP kernel (:mod:`microadam.kernels.micro_adam_cpu`), about 35x faster than
-        the pure-PyTorch step and within 1.1-1.4x of ``AdamW(fused=True)`` from 25M
-        parameters up (1.8-1.9x at 1M, where AdamW runs from cache; ``microadam speed``). It keeps
-        the same state (checkpoints move freely between the two), selects the same
+        C++/OpenMP kernel (:mod:`microadam.kernels.micro_adam_cpu`; its speed beside
+        ``AdamW(fused=True)`` and the pure step, measured by ``microadam speed``, is in
+        docs/speed.md). It keeps the same state (checkpoints move freely between the two), selects the same
         Top-K indices and writes the same window values and error codes on tie-free
         inputs, and the same parameters up to 2 ulp. It is compiled on the first fused
         step of a machine (about 10-20 s, then cached in torch's extension directory); if
@@ -480,7 +479,7 @@ class MicroAdam(Optimizer):
     .. note::
         Distributed training. Under DDP every rank holds the same averaged gradient and
         steps the same replica; MicroAdam needs nothing special (measured: bit-identical to
-        one process on the global batch for 150 steps, ``tests/distributed``). Under FSDP2
+        one process on the global batch, ``tests/distributed``; docs/distributed.md). Under FSDP2
         (``fully_shard``; parameters are DTensors sharded on dim 0) each rank steps its
         local shard (``p.to_local()``, ``p.grad.to_local()``, views of the local storage)
         and keeps that shard's state, about ``1 / world_size`` of the single-process
