@@ -210,7 +210,7 @@ def test_step_numbers_match_pure_for_any_seed_and_step(seed, step):
     for _ in range(3):
         grad = torch.randn(150)
         kernel.micro_adam_multi_step_([p_kernel], [grad], [state], **settings)
-        micro_adam_module.micro_adam_step_(p_pure, grad, state_pure, **hyper)
+        micro_adam_module.micro_adam_step_(p_pure, grad, state_pure, **settings)
     assert_same_state(state, state_pure, f"seed {seed}, step {step}")
     assert ulp_distance(p_kernel, p_pure) <= 2
 
@@ -330,3 +330,26 @@ def test_without_triton_the_module_imports_and_says_why(interpreter):
     with pytest.raises(RuntimeError, match="triton is not installed"):
         fresh.micro_adam_multi_step_([p], [p], [{}], **{k: BASE[k] for k in SETTINGS})
     assert kernel.unavailable_reason() is None
+
+
+def test_float16_window_values_saturate_as_the_pure_step_does(interpreter):
+    """Gradients of 1e4 accumulate past float16's 65504 through error feedback: the kernel
+    stores the window values saturated, bit for bit as the pure step does."""
+    hyper = {**BASE, "value_dtype": torch.float16}
+    gen = torch.Generator().manual_seed(7)
+    pure_p = torch.nn.Parameter(torch.zeros(200))
+    p = torch.nn.Parameter(torch.zeros(200))
+    pure = MicroAdam([pure_p], fused=False, **hyper)
+    holder = MicroAdam([p], fused=False, **hyper)
+    group = holder.param_groups[0]
+    settings = {key: group[key] for key in SETTINGS}
+    for t in range(8):
+        grad = 1e4 * (1 + torch.rand(200, generator=gen))
+        pure_p.grad, p.grad = grad.clone(), grad.clone()
+        pure.step()
+        state = holder._init_state(p, group)
+        kernel.micro_adam_multi_step_([p], [p.grad], [state], **settings)
+        assert_same_state(state, pure.state[pure_p], f"step {t + 1}")
+        assert ulp_distance(p, pure_p) <= 2
+    assert pure.state[pure_p]["window_values"].float().abs().max().item() == 65504.0
+    assert bool(torch.isfinite(p).all())

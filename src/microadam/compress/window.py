@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-__all__ = ["decay_weights", "window_ages", "window_direction"]
+__all__ = ["decay_weights", "saturating_cast", "window_ages", "window_direction"]
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,23 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return x.sqrt()
     return x.double().rsqrt_().reciprocal_().float()
+
+
+def saturating_cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype`` with what lies beyond its range saturated at its largest
+    finite value instead of overflowing to inf.
+
+    The window values are stored in ``value_dtype``: a float16 window cannot hold the 1e5
+    that error feedback accumulates from gradients of 1e4 (float16 ends at 65504), and bf16
+    ends just below float32's maximum. The excess is dropped, as gradient clipping would;
+    values in range are cast exactly as ``Tensor.to`` casts them.
+    """
+    if values.dtype == dtype:
+        return values
+    top = torch.finfo(dtype).max
+    if top >= torch.finfo(values.dtype).max:
+        return values.to(dtype)
+    return values.clamp(-top, top).to(dtype)
 
 
 def window_ages(step: int, window_size: int) -> list[int]:

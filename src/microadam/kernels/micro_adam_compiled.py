@@ -46,6 +46,7 @@ from torch.utils._triton import has_triton
 
 from microadam.compress.quant import code_levels, mix32, noise_key
 from microadam.compress.topk import topk_layout
+from microadam.compress.window import saturating_cast
 
 __all__ = [
     "COMPILE_OPTIONS",
@@ -264,7 +265,7 @@ def chunk_step(
     for (idx, vals), offset, old_idx, old_vals in zip(
         new_rows, positions, window_indices, window_values, strict=True
     ):
-        vals = vals.reshape(-1).to(old_vals.dtype)
+        vals = saturating_cast(vals.reshape(-1), old_vals.dtype)
         out += [idx.reshape(-1), vals]
         indices = torch.where(is_new, idx.reshape(1, -1), old_idx)
         values = torch.where(is_new, vals.unsqueeze(0), old_vals).to(dtype)

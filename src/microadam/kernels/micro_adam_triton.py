@@ -521,10 +521,15 @@ def _micro_adam_block_kernel(
     rank = tl.associative_scan(keep.to(tl.int32), 1, tl.standard._sum_combine)
     slot = row * width + col0 + rank - 1
     tl.store(wi_ptr[:, None] + slot, e.to(tl.int16), mask=keep)
+    # Stored saturated at value_dtype's largest finite value (compress.window.saturating_cast):
+    # 3.3895313892515355e38 is bf16's (0x7F7F), 65504 float16's.
     if V_DTYPE == tl.bfloat16:
-        bits = a.to(tl.uint32, bitcast=True)
+        kept = tl.minimum(tl.maximum(a, -3.3895313892515355e38), 3.3895313892515355e38)
+        bits = kept.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         value = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    elif V_DTYPE == tl.float16:
+        value = tl.minimum(tl.maximum(a, -65504.0), 65504.0).to(tl.float16)
     else:
         value = a.to(V_DTYPE)
     tl.store(wv_ptr[:, None] + slot, value, mask=keep)

@@ -31,7 +31,7 @@ from microadam.compress.quant import (
     unpack_nibbles,
 )
 from microadam.compress.topk import MAX_BLOCK_SIZE, TopKLayout, block_topk, topk_layout
-from microadam.compress.window import window_direction
+from microadam.compress.window import saturating_cast, window_direction
 from microadam.optim import _sharding
 from microadam.optim._common import (
     LazyText,
@@ -329,7 +329,7 @@ def micro_adam_step_(
         # Alg. 1 lines 5-6: Top-K per block, recorded as row (t - 1) mod m of the window.
         idx, vals = block_topk(a, topk_block_size, layout.k_block, layout.k_tail)
         win_idx[row, c0:c1] = idx
-        win_val[row, c0:c1] = vals.to(win_val.dtype)
+        win_val[row, c0:c1] = saturating_cast(vals, win_val.dtype)
         if error_feedback:
             # Alg. 1 line 7: the error is what Top-K dropped.
             a.index_fill_(0, idx.to(torch.int64) + offsets, 0)
@@ -453,11 +453,11 @@ class MicroAdam(Optimizer):
         gradients of the same dtype and a ``value_dtype`` among those three take a fused
         C++/OpenMP kernel (:mod:`microadam.kernels.micro_adam_cpu`; its speed beside
         ``AdamW(fused=True)`` and the pure step, measured by ``microadam speed``, is in
-        docs/speed.md). It keeps the same state (checkpoints move freely between the two), selects the same
-        Top-K indices and writes the same window values and error codes on tie-free
-        inputs, and the same parameters up to 2 ulp. It is compiled on the first fused
-        step of a machine (about 10-20 s, then cached in torch's extension directory); if
-        that fails (no C++ compiler, no OpenMP), ``fused=None`` warns once and falls back
+        docs/speed.md). It keeps the same state (checkpoints move freely between the two),
+        selects the same Top-K indices and writes the same window values and error codes on
+        tie-free inputs, and the same parameters up to 2 ulp. It is compiled on the first
+        fused step of a machine (about 10-20 s, then cached in torch's extension directory);
+        if that fails (no C++ compiler, no OpenMP), ``fused=None`` warns once and falls back
         to the pure step. Not covered, so left to the pure step under ``fused=None``:
         float64 parameters, other devices, tensor subclasses other than DTensor (a DTensor
         parameter is stepped on its local shard, a plain tensor the kernel takes), a
@@ -812,20 +812,14 @@ class MicroAdam(Optimizer):
     def _shard_state_for_checkpoint(self, sd: dict[str, Any]) -> None:
         """Replace, in ``sd`` (from ``Optimizer.state_dict``), the per-shard state tensors
         of DTensor parameters by DTensors sharded on dim 0 over the parameter's mesh."""
-        for pid, (p, group) in params_by_saved_id(self.param_groups, sd["param_groups"]).items():
-            if not _sharding.is_dtensor(p) or pid not in sd["state"]:
-                continue
-            where = LazyText(lambda p=p: self._describe(p))
+
+        def layout(p: torch.Tensor, group: dict[str, Any], state: dict) -> tuple[dict, dict]:
             biggest = math.prod(_sharding.max_local_shape(p))
-            max_shapes = {
-                key: shape for key, (shape, _, _) in self._expected_state(p, group, biggest).items()
-            }
-            max_shapes["rng_seed"] = ()
-            state = dict(sd["state"][pid])  # a new dict: the packed one is self.state[p]
-            for key, value in state.items():
-                if key != "step" and isinstance(value, torch.Tensor):
-                    state[key] = _sharding.shard_state_value(p, value, max_shapes[key], where)
-            sd["state"][pid] = state
+            shapes = {key: s for key, (s, _, _) in self._expected_state(p, group, biggest).items()}
+            return state, {**shapes, "rng_seed": ()}
+
+        ids = params_by_saved_id(self.param_groups, sd["param_groups"])
+        _sharding.shard_states(sd["state"], ids, layout, self._describe)
 
     def _local_state_for_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the layout version at the top level (also when
@@ -835,43 +829,17 @@ class MicroAdam(Optimizer):
         state_dict = lift_format_key(state_dict, "microadam_format")
         if "state" not in state_dict:
             return state_dict
+
+        def local_shapes(p: torch.Tensor, group: dict[str, Any], saved: dict) -> dict:
+            try:
+                shapes = {key: s for key, (s, _, _) in self._expected_state(p, group).items()}
+            except (KeyError, TypeError):  # bad settings: the checks report them
+                shapes = {}
+            return {**shapes, "rng_seed": ()}
+
         ids = params_by_saved_id(self.param_groups, state_dict["param_groups"])
-        new_state = {}
-        for pid, saved in state_dict["state"].items():
-            p = ids.get(pid, (None, None))[0]
-            if p is None or not isinstance(saved, dict):
-                new_state[pid] = saved
-                continue
-            where = LazyText(lambda p=p: self._describe(p))
-            if not _sharding.is_dtensor(p):
-                for key, value in saved.items():
-                    if _sharding.is_dtensor(value):
-                        raise ValueError(
-                            f"Invalid state_dict: {key} of {where} was saved from a parameter "
-                            f"sharded over {value.shape[0]} rank(s) (a DTensor of shape "
-                            f"{tuple(value.shape)}), but this parameter is not sharded; "
-                            "per-shard optimizer state cannot be resharded"
-                        )
-                new_state[pid] = saved
-                continue
-            local_state = {}
-            for key, value in saved.items():
-                if key == "step" or not isinstance(value, torch.Tensor):
-                    local_state[key] = value
-                    continue
-                if key == "rng_seed":
-                    shape = ()
-                else:
-                    try:
-                        shape = self._expected_state(p, ids[pid][1]).get(key, (None,))[0]
-                    except (KeyError, TypeError):  # bad settings: the checks report them
-                        shape = None
-                    if shape is None:  # not a key of this layout: the checks report it
-                        local_state[key] = value
-                        continue
-                local_state[key] = _sharding.local_state_value(p, value, shape, where, key)
-            new_state[pid] = local_state
-        return {**state_dict, "state": new_state}
+        state = _sharding.local_states(state_dict["state"], ids, local_shapes, self._describe)
+        return {**state_dict, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`, keeping every buffer's dtype.
