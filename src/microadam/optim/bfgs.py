@@ -70,7 +70,7 @@ class BFGS(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1.0,
+        lr: float | Tensor = 1.0,
         max_iter: int = 20,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
@@ -97,7 +97,9 @@ class BFGS(Optimizer):
         """Run up to ``max_iter`` BFGS iterations.
 
         Args:
-            closure (Callable): re-evaluates the model and returns the loss (required).
+            closure (Callable): re-evaluates the model and returns the loss (required):
+                the loss tensor with its graph, or, as for :class:`torch.optim.LBFGS`, the
+                loss after ``zero_grad()`` and ``loss.backward()``.
 
         Returns:
             The loss returned by the first call of the closure, detached.
@@ -199,11 +201,22 @@ BFGS.__doc__ = r"""Implements BFGS with a dense inverse-Hessian approximation.
         * The gradient test uses :math:`\|g\|_\infty` (scipy's ``gtol``, torch's
           ``tolerance_grad``); ``tolerance_change`` is torch LBFGS's test on the step and on
           the change of the loss.
-        * The closure should return the loss *without* calling ``backward()``: the optimizer
-          differentiates it with :func:`torch.autograd.grad` and never reads or writes
-          ``p.grad``. An LBFGS-style closure that calls ``loss.backward()`` works too (the
-          gradient is then read from ``p.grad``), except with ``line_search="exact_quadratic"``,
-          which needs Hessian-vector products.
+        * Two closure styles work, told apart at every call by whether the closure writes
+          ``p.grad`` (a new tensor or a bumped version counter); the optimizer itself never
+          writes ``p.grad``. A closure that returns the loss tensor without calling
+          ``backward()`` is differentiated with :func:`torch.autograd.grad`. The closure of
+          :class:`torch.optim.LBFGS` (``zero_grad()``, loss, ``loss.backward()``, return the
+          loss) gives its gradient in ``p.grad``, which keeps what the last closure call
+          wrote. The Hessian-vector product of ``line_search="exact_quadratic"`` is then the
+          difference :math:`(g(\theta + h p) - g(\theta)) / h`,
+          :math:`h = \sqrt{\epsilon} \max(1, \max_{p_i \ne 0} |\theta_i|) / \|p\|_\infty`
+          (one more closure call, counted in ``func_evals``; see
+          :class:`~microadam.optim.Newton`). A parameter with no gradient path to the loss
+          (unused by it, or with ``p.grad`` still ``None`` after the closure) has a zero
+          gradient, as in LBFGS. When the returned loss reaches none of the parameters and
+          the closure writes no ``p.grad``, the gradient is what ``p.grad`` holds, as LBFGS
+          reads it; with every ``p.grad`` ``None`` as well that is an error saying so (a
+          zero gradient if no parameter requires grad).
         * All parameters are optimized as one flat vector (float64 if any parameter is
           float64, float32 otherwise); only one parameter group is supported.
 
@@ -214,8 +227,9 @@ BFGS.__doc__ = r"""Implements BFGS with a dense inverse-Hessian approximation.
 
     Args:
         params (iterable): iterable of parameters to optimize (one group).
-        lr (float, optional): first trial step of the line search, or the fixed step when
-            ``line_search=None`` (default: 1)
+        lr (float or Tensor, optional): first trial step of the line search, or the fixed
+            step when ``line_search=None``; a 1-element tensor is read once per
+            :meth:`step` (default: 1)
         max_iter (int, optional): maximal number of iterations per :meth:`step`
             (default: 20)
         tolerance_grad (float, optional): stop when :math:`\|g\|_\infty` is at most this

@@ -12,8 +12,10 @@ a one-dimensional search along :math:`p_k`. Everything the methods share lives h
 * :func:`strong_wolfe`: bracketing (N&W Alg. 3.5) and zoom (Alg. 3.6) with safeguarded cubic
   interpolation (eq. 3.59), on a scalar function ``phi(alpha) -> (f, dphi, grad)``;
 * :class:`ClosureObjective`: evaluates an optimizer closure on the parameters seen as one flat
-  vector, with gradients (and, on request, Hessian-vector products or the dense Hessian) from
-  autograd, never reading or writing ``p.grad`` unless the closure itself called ``backward()``;
+  vector, with gradients and, on request, Hessian-vector products or the dense Hessian: from
+  autograd when the closure returns the loss with its graph, from ``p.grad`` and
+  differences of gradients when the closure calls ``backward()`` itself, as the closures
+  written for :class:`torch.optim.LBFGS` do; ``p.grad`` is never written;
 * :func:`run_line_search_method`: the outer loop of one ``step`` (tolerances, ``max_iter``,
   line-search failure handling), parameterised by the direction and the update after a step.
 
@@ -24,6 +26,7 @@ only supply a direction and, for BFGS, the inverse-Hessian update.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -244,14 +247,30 @@ def _zoom(
 class ClosureObjective:
     """An optimizer closure seen as a function of one flat parameter vector.
 
-    Gradients come from :func:`torch.autograd.grad` on the loss the closure returns, so
-    ``p.grad`` is neither read nor written. A closure written for ``torch.optim.LBFGS`` (one
-    that calls ``loss.backward()`` itself) also works where no second derivatives are needed:
-    its graph is gone, so the gradient is then read from ``p.grad``.
+    Two closure styles are accepted, told apart at every call by whether the closure wrote
+    ``p.grad`` (a new tensor, or a bumped version counter, compared with what ``p.grad`` held
+    just before the call). The optimizer itself never writes ``p.grad``.
 
-    With ``create_graph=True`` the gradient keeps its graph, which
-    :meth:`hessian_vector_product` and :meth:`hessian` differentiate again; the graph belongs
-    to the point where it was evaluated and is dropped as soon as the parameters move.
+    * *loss style*: the closure returns the loss tensor with its autograd graph and writes no
+      ``p.grad``. The gradient comes from :func:`torch.autograd.grad` on that loss; ``p.grad``
+      is neither read nor written. With ``create_graph=True`` the gradient keeps its graph,
+      which :meth:`hessian_vector_product` and :meth:`hessian` differentiate again: exact
+      second derivatives. The graph belongs to the point where it was evaluated and is
+      dropped as soon as the parameters move.
+    * *backward style*, the closure of :class:`torch.optim.LBFGS` (``zero_grad()``, loss,
+      ``loss.backward()``, return the loss; a Python number is accepted as the loss too): the
+      gradient is read from ``p.grad``, which keeps what the closure wrote, as in LBFGS.
+      Second derivatives are then differences of gradients, as scipy's Newton-CG without
+      ``hessp`` (:meth:`hessian_vector_product`: one closure call; :meth:`hessian`: one
+      per parameter element), with the parameters put back exactly afterwards. Every such
+      call is counted in ``evals``.
+
+    A parameter without a gradient path to the loss (unused by it, not requiring grad, or
+    its ``p.grad`` still ``None``) has a zero gradient and zero second derivatives, as in
+    LBFGS. When the returned loss reaches no parameter at all and the closure wrote no
+    ``p.grad``, the gradient is whatever ``p.grad`` holds, as LBFGS reads it (a gradient
+    computed before the step, say); if every ``p.grad`` is ``None`` too, that is an error
+    that says so, unless no parameter requires grad (then the gradient is zero).
 
     Flat vectors are float64 if any parameter is float64, float32 otherwise.
     """
@@ -264,11 +283,24 @@ class ClosureObjective:
             torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         )
         self.numel = sum(p.numel() for p in self.params)
+        # Relative step of the gradient differences: sqrt of the machine epsilon of the
+        # coarsest parameter dtype, scipy's '2-point' rule (``_eps_for_method``: the
+        # gradient is only as accurate as the lowest precision it is computed in).
+        self.relative_step = math.sqrt(
+            max(
+                (torch.finfo(p.dtype).eps for p in self.params if p.is_floating_point()),
+                default=torch.finfo(self.dtype).eps,
+            )
+        )
         self.evals = 0
         self.hessian_vector_products = 0
+        # Whether the last call's gradient was read from p.grad (backward style, or a loss
+        # without gradient path) rather than differentiated from the returned loss.
+        self.uses_p_grad: bool | None = None
         self._graph_grads: tuple[Tensor | None, ...] | None = None
         self._version = 0  # bumped whenever the parameters are written
         self._graph_version = -1
+        self._last_grad: tuple[int, Tensor] | None = None  # (version, flat gradient)
         # The current line x + alpha d of line() and the alpha the parameters sit at.
         self._line: tuple[Tensor, Tensor] | None = None
         self._line_alpha: float | None = None
@@ -298,56 +330,117 @@ class ClosureObjective:
             ]
         )
 
+    def _autograd(self, outputs: Tensor, **kwargs: Any) -> tuple[Tensor | None, ...]:
+        """:func:`torch.autograd.grad` with respect to the parameters that require grad,
+        ``None`` (no gradient path) for unused parameters and for those that do not."""
+        wrt = [p for p in self.params if p.requires_grad]
+        if not wrt:
+            return (None,) * len(self.params)
+        grads = iter(torch.autograd.grad(outputs, wrt, allow_unused=True, **kwargs))
+        return tuple(next(grads) if p.requires_grad else None for p in self.params)
+
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, create_graph: bool = False) -> tuple[Any, float, Tensor]:
         """Call the closure at the current parameters.
 
         Returns ``(loss as returned, loss as float, flat detached gradient)``.
         """
+        # What p.grad holds before the call (tensor and version counter), to see whether
+        # the closure writes it: zero_grad() + backward() replaces the tensor, backward()
+        # alone or zero_grad(set_to_none=False) + backward() bumps its version.
+        before = [(p.grad, None if p.grad is None else p.grad._version) for p in self.params]
         with torch.enable_grad():
             loss = self._closure()
             if loss is None:
                 raise RuntimeError(f"{self.owner}: the closure returned None (expected the loss)")
-            grads = self._gradients(loss, create_graph)
+            wrote = any(
+                p.grad is not None and (p.grad is not grad or p.grad._version != version)
+                for p, (grad, version) in zip(self.params, before, strict=True)
+            )
+            grads = None if wrote else self._loss_gradients(loss, create_graph)
         self.evals += 1
-        value = float(loss.detach() if isinstance(loss, Tensor) else loss)
+        if grads is not None:
+            # Loss style: the returned loss differentiated; p.grad is not touched.
+            self.uses_p_grad = False
+            value = float(loss.detach())
+            if create_graph:
+                self._graph_grads = grads
+                self._graph_version = self._version
+        else:
+            # The closure wrote p.grad (backward style), or its loss has no gradient path to
+            # the parameters: the gradient is what p.grad holds, as torch.optim.LBFGS reads it.
+            self.uses_p_grad = True
+            self._graph_grads = None
+            value = self._loss_value(loss)
+            grads = tuple(p.grad for p in self.params)
+            if not wrote and all(g is None for g in grads):
+                if any(p.requires_grad for p in self.params):
+                    raise RuntimeError(self._no_gradient_message(loss))
+                # No parameter requires grad: nothing can have a gradient, so it is zero.
         flat = self._flatten([None if g is None else g.detach() for g in grads])
-        if create_graph:
-            self._graph_grads = grads
-            self._graph_version = self._version
+        self._last_grad = (self._version, flat)
         return loss, value, flat
 
-    def _gradients(self, loss: Any, create_graph: bool) -> tuple[Tensor | None, ...]:
-        if isinstance(loss, Tensor) and loss.requires_grad:
-            try:
-                return torch.autograd.grad(
-                    loss, self.params, create_graph=create_graph, allow_unused=True
+    def _loss_value(self, loss: Any) -> float:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise RuntimeError(
+                    f"{self.owner}: the closure returned a tensor of shape "
+                    f"{tuple(loss.shape)} (expected the loss, a tensor with one element)"
                 )
-            except RuntimeError as err:
-                # Typically "backward through the graph a second time": the closure already
-                # called loss.backward(). Its gradient is then in p.grad.
-                if create_graph or any(p.grad is None for p in self.params):
-                    raise RuntimeError(self._graph_message(create_graph)) from err
-        elif create_graph or any(p.grad is None for p in self.params):
-            raise RuntimeError(self._graph_message(create_graph))
-        return tuple(p.grad for p in self.params)
+            return float(loss.detach())
+        if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            return float(loss)
+        raise RuntimeError(
+            f"{self.owner}: the closure returned a {type(loss).__name__} (expected the loss: "
+            "a tensor with one element or a Python number)"
+        )
 
-    def _graph_message(self, create_graph: bool) -> str:
-        if create_graph:
+    def _loss_gradients(self, loss: Any, create_graph: bool) -> tuple[Tensor | None, ...] | None:
+        """Loss style: the gradient of the returned loss, or ``None`` when it has no gradient
+        path to any parameter (not a tensor, does not require grad, or reaches none)."""
+        if not isinstance(loss, Tensor):
+            return None
+        self._loss_value(loss)  # one element
+        if not loss.requires_grad:
+            return None
+        try:
+            grads = self._autograd(loss, create_graph=create_graph)
+        except RuntimeError as err:
+            # E.g. the closure differentiated the loss with torch.autograd.grad (which frees
+            # the graph) without writing p.grad.
+            raise RuntimeError(
+                f"{self.owner}: could not differentiate the loss returned by the closure: {err}"
+            ) from err
+        return None if all(g is None for g in grads) else grads
+
+    def _no_gradient_message(self, loss: Any) -> str:
+        if not isinstance(loss, Tensor):
             return (
-                f"{self.owner}: second derivatives need the closure to return the loss tensor "
-                "with its autograd graph, without calling loss.backward() (the optimizer "
-                "differentiates the loss itself and does not touch p.grad)"
+                f"{self.owner}: the closure returned a {type(loss).__name__}, not a tensor, and "
+                "no parameter has a .grad: return the loss tensor computed from the parameters "
+                "(the optimizer differentiates it), or compute the gradient in the closure "
+                "(loss.backward()) as for torch.optim.LBFGS"
             )
+        why = (
+            "it does not require grad: computed under torch.no_grad(), or from detached tensors?"
+            if not loss.requires_grad
+            else "none of them has a gradient path to it"
+        )
         return (
-            f"{self.owner}: could not differentiate the loss: return the loss tensor computed "
-            "from the parameters (the optimizer differentiates it itself), or call "
-            "loss.backward() in the closure so that every parameter has a .grad"
+            f"{self.owner}: the loss returned by the closure does not depend on any of the "
+            f"optimizer's parameters ({why}), and no parameter has a .grad"
         )
 
     def has_graph(self) -> bool:
         """Whether a gradient with its graph is available at the current parameters."""
         return self._graph_grads is not None and self._graph_version == self._version
+
+    def second_order_ready(self) -> bool:
+        """Whether second derivatives at the current parameters need no new evaluation with
+        ``create_graph=True``: always when the gradient comes from ``p.grad`` (differences of
+        gradients), when the graph is there for a loss-style closure."""
+        return bool(self.uses_p_grad) or self.has_graph()
 
     def _graph_gradient(self) -> Tensor | None:
         grads = self._graph_grads
@@ -366,20 +459,69 @@ class ClosureObjective:
             ]
         )
 
-    def hessian_vector_product(self, v: Tensor) -> Tensor:
-        """:math:`\\nabla^2 f(x) v` by differentiating :math:`g(x)^\\top v` (Pearlmutter)."""
+    def _gradient_here(self, grad: Tensor | None) -> Tensor:
+        """The flat gradient at the current parameters: ``grad`` when the caller knows it,
+        else the last evaluation's if it was here, else a new evaluation."""
+        if grad is not None:
+            return grad
+        if self._last_grad is not None and self._last_grad[0] == self._version:
+            return self._last_grad[1]
+        return self.evaluate()[2]
+
+    def hessian_vector_product(self, v: Tensor, grad: Tensor | None = None) -> Tensor:
+        """:math:`\\nabla^2 f(x) v` at the current parameters :math:`x`.
+
+        Loss style: exact, by differentiating :math:`g(x)^\\top v` (Pearlmutter). Backward
+        style: the forward difference of scipy's ``approx_fhess_p``,
+        :math:`(g(x + h v) - g(x)) / h`, one closure call, with the step
+        :math:`h = \\sqrt{\\epsilon} \\max(1, \\max_{v_i \\ne 0} |x_i|) / \\|v\\|_\\infty`:
+        scipy's '2-point' step :math:`\\sqrt{\\epsilon} \\max(1, |x_i|)` for the largest
+        component of the move, :math:`\\epsilon` the machine epsilon of the coarsest parameter
+        dtype. ``grad`` is :math:`g(x)` when the caller has it (differences only).
+        """
         self.hessian_vector_products += 1
+        if self.uses_p_grad:
+            return self._difference_hessian_vector_product(v, self._gradient_here(grad))
         g = self._graph_gradient()
         if g is None:
             return torch.zeros_like(v)
         with torch.enable_grad():
-            hv = torch.autograd.grad(
-                g, self.params, grad_outputs=v.detach(), retain_graph=True, allow_unused=True
-            )
+            hv = self._autograd(g, grad_outputs=v.detach(), retain_graph=True)
         return self._flatten(hv)
 
-    def hessian(self, chunk_size: int = 256) -> Tensor:
-        """The dense, symmetrised Hessian, ``chunk_size`` rows per batched backward pass."""
+    def _difference_hessian_vector_product(self, v: Tensor, g0: Tensor) -> Tensor:
+        v_max = float(v.abs().max()) if v.numel() else 0.0
+        if v_max == 0.0:
+            return torch.zeros_like(v)
+        if not math.isfinite(v_max):
+            return torch.full_like(v, math.nan)
+        x = self.flat_params()
+        # scipy's approx_fhess_p steps epsilon * v with a fixed epsilon = sqrt(eps), which
+        # is far too short (cancellation) or too long once |v| is far from 1; scaling by
+        # max(1, |x|) / |v| makes the move a relative step of sqrt(eps) whatever v is. |x| is
+        # taken over the components that move, so that parameters v does not touch (those
+        # with no gradient path) do not change the step.
+        x_max = float(x.abs().masked_fill_(v == 0, 0.0).max())
+        h = self.relative_step * max(1.0, x_max) / v_max
+        try:
+            self.set_flat_params(torch.add(x, v, alpha=h))
+            g1 = self.evaluate()[2]
+        finally:
+            self.set_flat_params(x)  # exactly back at x
+        return g1.sub_(g0).div_(h)
+
+    def hessian(self, grad: Tensor | None = None, chunk_size: int = 256) -> Tensor:
+        """The dense, symmetrised Hessian at the current parameters.
+
+        Loss style: exact, ``chunk_size`` rows per batched backward pass. Backward style:
+        column by column, :math:`(g(x + h_i e_i) - g(x)) / h_i`, as scipy's
+        ``hess='2-point'``: :math:`h_i = \\sqrt{\\epsilon}\\, \\mathrm{sign}(x_i)
+        \\max(1, |x_i|)` (sign(0) = 1), divided by the step actually taken,
+        :math:`(x_i + h_i) - x_i`; ``numel`` closure calls. ``grad`` is :math:`g(x)` when
+        the caller has it (differences only).
+        """
+        if self.uses_p_grad:
+            return self._difference_hessian(self._gradient_here(grad))
         n = self.numel
         g = self._graph_gradient()
         if g is None:
@@ -392,13 +534,8 @@ class ClosureObjective:
                 basis = torch.zeros(k, n, dtype=self.dtype, device=g.device)
                 basis[torch.arange(k), torch.arange(i, i + k)] = 1.0
                 try:
-                    parts = torch.autograd.grad(
-                        g,
-                        self.params,
-                        grad_outputs=basis,
-                        retain_graph=True,
-                        allow_unused=True,
-                        is_grads_batched=True,
+                    parts = self._autograd(
+                        g, grad_outputs=basis, retain_graph=True, is_grads_batched=True
                     )
                     block = torch.cat(
                         [
@@ -413,21 +550,38 @@ class ClosureObjective:
                     # Some backward formulas have no vmap rule: one product per row instead.
                     block = torch.stack(
                         [
-                            self._flatten(
-                                torch.autograd.grad(
-                                    g,
-                                    self.params,
-                                    grad_outputs=e,
-                                    retain_graph=True,
-                                    allow_unused=True,
-                                )
-                            )
+                            self._flatten(self._autograd(g, grad_outputs=e, retain_graph=True))
                             for e in basis
                         ]
                     )
                 rows.append(block)
         hess = torch.cat(rows)
         # Second derivatives commute in exact arithmetic; autograd's rows differ by rounding.
+        return 0.5 * (hess + hess.T)
+
+    def _difference_hessian(self, g0: Tensor) -> Tensor:
+        x = self.flat_params()
+        n = self.numel
+        steps = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        steps.mul_(x.abs().clamp_min(1.0)).mul_(self.relative_step)
+        hess = torch.empty(n, n, dtype=self.dtype, device=x.device)
+        point = x.clone()
+        try:
+            i = 0
+            for p in self.params:
+                for _ in range(p.numel()):
+                    point[i] = x[i] + steps[i]
+                    self.set_flat_params(point)
+                    # The step actually taken, once rounded to the parameter's dtype.
+                    dx = float(point[i].to(p.dtype)) - float(x[i])
+                    g1 = self.evaluate()[2]
+                    hess[:, i] = g1.sub_(g0).div_(dx)
+                    point[i] = x[i]
+                    i += 1
+        finally:
+            self.set_flat_params(x)  # exactly back at x
+        # Each column has its own truncation and rounding errors, so the difference matrix
+        # is not symmetric: symmetrise it (N&W §8.1, "approximating the Hessian").
         return 0.5 * (hess + hess.T)
 
     def line(self, x: Tensor, d: Tensor, create_graph: bool) -> Callable[[float], tuple]:
@@ -456,14 +610,27 @@ class ClosureObjective:
 
 
 def validate_line_search_hyperparameters(
-    lr: float,
+    lr: float | Tensor,
     max_iter: int,
     tolerance_grad: float,
     tolerance_change: float,
     line_search: str | None,
 ) -> None:
-    """The constructor checks shared by :class:`BFGS` and :class:`Newton`."""
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0.0:
+    """The constructor checks shared by :class:`BFGS` and :class:`Newton`.
+
+    ``lr`` may be a number or a real one-element tensor (as torch.optim's ``Tensor lr``); a
+    tensor is read with ``float()`` once per ``step``, so changing it in place (a scheduler)
+    takes effect at the next step.
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.dtype == torch.bool or lr.is_complex():
+            raise ValueError(
+                f"Invalid lr: a {lr.dtype} tensor of shape {tuple(lr.shape)} "
+                "(expected a number or a real 1-element tensor, lr > 0)"
+            )
+        if not float(lr) > 0.0:
+            raise ValueError(f"Invalid lr: {lr!r} (expected lr > 0)")
+    elif isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0.0:
         raise ValueError(f"Invalid lr: {lr} (expected lr > 0)")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"Invalid max_iter: {max_iter} (expected max_iter >= 1)")
@@ -540,7 +707,7 @@ def run_line_search_method(
     else:
         f_old: float | None = None
         for _ in range(group["max_iter"]):
-            if needs_graph and not objective.has_graph():
+            if needs_graph and not objective.second_order_ready():
                 # The accepted point was not the last one evaluated: its graph is gone.
                 _, f, g = objective.evaluate(True)
             x = objective.flat_params()
@@ -559,7 +726,7 @@ def run_line_search_method(
                 if reset is not None:
                     reset()
                 objective.move_to(0.0)
-                if needs_graph and not objective.has_graph():
+                if needs_graph and not objective.second_order_ready():
                     objective.evaluate(True)  # the exact_quadratic step needs the graph at x
                 d, steepest = g.neg(), True
                 alpha0 = _initial_step(g, d, f, f_old, lr, steepest, line_search)
@@ -644,7 +811,7 @@ def _search(
         # alpha = -g'd / d'Ad minimises f along d exactly when f is quadratic (N&W eq. 3.55);
         # one Hessian-vector product at x. Elsewhere it is only a trial step, so it must pass
         # the sufficient-decrease test or the strong-Wolfe search takes over from it.
-        curvature = float(d.dot(objective.hessian_vector_product(d)))
+        curvature = float(d.dot(objective.hessian_vector_product(d, g)))
         if curvature > 0.0 and math.isfinite(curvature):
             alpha = -gtd / curvature
             f_new, _, g_new = phi(alpha)

@@ -51,9 +51,25 @@ def newton_direction(hessian: Tensor, g: Tensor, damping: float) -> tuple[Tensor
     positive definite), grows as in N&W Alg. 3.3: to :math:`-\\min_i h_{ii} + \\beta` if the
     diagonal is not positive, then doubling, with :math:`\\beta = 10^{-3} \\max_i |h_{ii}|`.
 
+    Coordinates whose Hessian row (and so column) and gradient are exactly zero, such as
+    parameters with no gradient path to the loss, are left out of the system and get
+    :math:`p_i = 0`: kept in, they would make the Hessian singular and force the shift on
+    every other coordinate (damped, only linearly convergent steps).
+
     ``hessian`` is overwritten (its diagonal is shifted in place). Returns ``(p, tau)``;
     ``p`` is ``None`` when no shift works (non-finite Hessian).
     """
+    active = hessian.ne(0).any(dim=1).logical_or_(g.ne(0))
+    if not bool(active.all()):
+        p = torch.zeros_like(g)
+        if not bool(active.any()):
+            return p, damping
+        index = active.nonzero().squeeze(1)
+        sub, tau = newton_direction(hessian[index][:, index], g[index], damping)
+        if sub is None:
+            return None, tau
+        p[index] = sub
+        return p, tau
     diag = hessian.diagonal()  # a view: writing it shifts the Hessian
     scale = float(diag.abs().max()) if diag.numel() else 0.0
     beta = _SHIFT_BETA * scale if scale > 0.0 and math.isfinite(scale) else _SHIFT_BETA
@@ -123,7 +139,7 @@ class Newton(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1.0,
+        lr: float | Tensor = 1.0,
         max_iter: int = 20,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
@@ -175,8 +191,11 @@ class Newton(Optimizer):
         """Run up to ``max_iter`` Newton iterations.
 
         Args:
-            closure (Callable): re-evaluates the model and returns the loss tensor, without
-                calling ``backward()`` (required).
+            closure (Callable): re-evaluates the model and returns the loss (required):
+                either the loss tensor with its graph, without calling ``backward()`` (exact
+                second derivatives from autograd), or, as for :class:`torch.optim.LBFGS`,
+                after ``zero_grad()`` and ``loss.backward()`` (second derivatives from
+                differences of gradients).
 
         Returns:
             The loss returned by the first call of the closure, detached.
@@ -198,7 +217,7 @@ class Newton(Optimizer):
             _check_hessian_size(objective.numel, group["max_hessian_size"], RuntimeError)
 
             def direction(g: Tensor) -> Tensor | None:
-                hess = objective.hessian()
+                hess = objective.hessian(g)
                 state["hess_evals"] = state.get("hess_evals", 0) + 1
                 p, tau = newton_direction(hess, g, damping)
                 state["last_damping"] = tau
@@ -210,7 +229,7 @@ class Newton(Optimizer):
             def direction(g: Tensor) -> Tensor | None:
                 state["last_damping"] = damping
                 return newton_cg_direction(
-                    objective.hessian_vector_product, g, damping, cg_max_iter
+                    lambda v: objective.hessian_vector_product(v, g), g, damping, cg_max_iter
                 )
 
         return run_line_search_method(objective, state, group, direction, create_graph=True)
@@ -263,9 +282,42 @@ Newton.__doc__ = r"""Implements Newton's method, with an exact or a Hessian-free
     .. note::
         Conventions:
 
-        * The closure must return the loss tensor *without* calling ``backward()``: second
-          derivatives are taken through the graph of :func:`torch.autograd.grad` with
-          ``create_graph=True``. The optimizer never reads or writes ``p.grad``.
+        * Two closure styles work, told apart at every call by whether the closure writes
+          ``p.grad`` (a new tensor or a bumped version counter); the optimizer itself never
+          writes ``p.grad``:
+
+          - the closure returns the loss tensor with its graph and calls no ``backward()``:
+            gradients and exact second derivatives (the dense Hessian, or Pearlmutter's
+            Hessian-vector products for ``"cg"``) come from :func:`torch.autograd.grad` with
+            ``create_graph=True``, and ``p.grad`` is neither read nor written;
+          - the closure of :class:`torch.optim.LBFGS` (``zero_grad()``, loss,
+            ``loss.backward()``, return the loss): the gradient is read from ``p.grad``,
+            which keeps what the last closure call wrote, and second derivatives are
+            differences of gradients, as in scipy's Newton-CG without ``hess`` or ``hessp``
+            (``approx_fhess_p``). A product is
+            :math:`\nabla^2 f \, v \approx (g(\theta + h v) - g(\theta)) / h` with
+            :math:`h = \sqrt{\epsilon} \max(1, \max_{v_i \ne 0} |\theta_i|) / \|v\|_\infty`, one
+            closure call; the dense Hessian is formed column by column with scipy's
+            '2-point' steps :math:`h_i = \sqrt{\epsilon} \, \mathrm{sign}(\theta_i)
+            \max(1, |\theta_i|)` and symmetrised, :math:`n` closure calls;
+            :math:`\epsilon` is the machine epsilon of the (coarsest) parameter dtype. Both
+            are accurate to about :math:`\sqrt{\epsilon}` relative (1e-8 in float64), so the
+            direction is an inexact Newton step that converges to the same minimizer in
+            practically as many iterations (measured on Rosenbrock, an ill-conditioned
+            quadratic and a logistic regression: within one iteration of the exact
+            Hessian's). The parameters are put back exactly after every difference.
+            ``func_evals`` counts every closure call, these included; ``hess_evals`` counts
+            Hessians (or products) however they are obtained (scipy counts difference
+            products only as gradient evaluations, ``nhev = 0``).
+
+          A parameter with no gradient path to the loss (unused by it, not requiring grad,
+          or with ``p.grad`` still ``None`` after the closure) has a zero gradient and a zero
+          Hessian row and column, as :class:`torch.optim.LBFGS` treats it; ``"exact"``
+          leaves such rows out of the Cholesky solve (their step is 0), so that they do not
+          force a shift on the other parameters. When the returned loss reaches none of the
+          parameters and the closure writes no ``p.grad``, the gradient is what ``p.grad``
+          holds, as LBFGS reads it; with every ``p.grad`` ``None`` as well that is an error
+          saying so (a zero gradient if no parameter requires grad).
         * ``damping`` is a Levenberg-style shift :math:`\lambda I` added to the Hessian at
           every iteration. With ``hessian="exact"``, when the shifted Hessian is not positive
           definite (its Cholesky factorization fails) the shift is raised for that iteration
@@ -290,15 +342,18 @@ Newton.__doc__ = r"""Implements Newton's method, with an exact or a Hessian-free
 
     Memory and size limit: ``hessian="exact"`` stores the dense :math:`n \times n` Hessian
     and its Cholesky factor (:math:`2 n^2` elements) and costs :math:`n` Hessian-vector
-    products plus :math:`n^3/3` flops per iteration, so it refuses models with more than
+    products (:math:`n` closure calls with a closure that calls ``backward()``) plus
+    :math:`n^3/3` flops per iteration, so it refuses models with more than
     ``max_hessian_size`` parameters (default 5000: 400 MB in float64). ``hessian="cg"``
     stores a few vectors of :math:`n` elements plus the double-backward graph, and costs one
-    Hessian-vector product (about two backward passes) per CG iteration.
+    Hessian-vector product (about two backward passes, or one closure call) per CG
+    iteration.
 
     Args:
         params (iterable): iterable of parameters to optimize (one group).
-        lr (float, optional): first trial step of the line search, or the fixed step when
-            ``line_search=None`` (default: 1)
+        lr (float or Tensor, optional): first trial step of the line search, or the fixed
+            step when ``line_search=None``; a 1-element tensor is read once per
+            :meth:`step` (default: 1)
         max_iter (int, optional): maximal number of iterations per :meth:`step`
             (default: 20)
         tolerance_grad (float, optional): stop when :math:`\|g\|_\infty` is at most this
@@ -308,8 +363,8 @@ Newton.__doc__ = r"""Implements Newton's method, with an exact or a Hessian-free
         line_search (str or None, optional): ``"strong_wolfe"`` (N&W Alg. 3.5/3.6 with
             :math:`c_1 = 10^{-4}, c_2 = 0.9`), ``"exact_quadratic"`` or ``None``
             (default: ``"strong_wolfe"``)
-        hessian (str, optional): ``"exact"`` (dense Hessian from autograd, Cholesky solve)
-            or ``"cg"`` (Hessian-free Newton-CG) (default: ``"exact"``)
+        hessian (str, optional): ``"exact"`` (dense Hessian, Cholesky solve) or ``"cg"``
+            (Hessian-free Newton-CG) (default: ``"exact"``)
         damping (float, optional): Levenberg shift :math:`\lambda` added to the Hessian's
             diagonal (default: 0)
         max_hessian_size (int, optional): largest number of parameters accepted with
