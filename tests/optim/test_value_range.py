@@ -20,9 +20,14 @@ PATHS = [
     pytest.param(
         "cpu",
         id="cpu",
-        marks=pytest.mark.skipif(
-            micro_adam_cpu.unavailable_reason() is not None, reason="no fused CPU kernel"
-        ),
+        marks=[
+            pytest.mark.skipif(
+                micro_adam_cpu.unavailable_reason() is not None, reason="no fused CPU kernel"
+            ),
+            # Known defect, open in issue #15: the fused C++ kernel still casts the window
+            # values without saturating (its rewrite was in progress).
+            pytest.mark.xfail(strict=True, reason="the fused CPU kernel does not saturate yet"),
+        ],
     ),
 ]
 
