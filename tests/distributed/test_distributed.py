@@ -15,6 +15,21 @@ def _read(path):
     return json.loads(path.read_text())
 
 
+def _assert_stacked(tmp_path, shards: int = 2) -> dict:
+    """What each rank gave DCP: ``step`` a plain 0-d tensor, every other state tensor a
+    DTensor sharded on dim 0 whose leading dimension is the number of shards, with the same
+    global shapes on every rank. Returns rank 0's layout."""
+    layouts = [_read(tmp_path / f"dcp_saved_layout_rank{r}.json") for r in range(shards)]
+    assert all(layout == layouts[0] for layout in layouts)
+    for name, keys in layouts[0].items():
+        for key, (kind, shape, _) in keys.items():
+            if key == "step":
+                assert (kind, shape) == ("plain", []), f"{name}.{key}"
+            else:
+                assert kind == "DTensor['S(0)']" and shape[0] == shards, f"{name}.{key}"
+    return layouts[0]
+
+
 def test_ddp_matches_one_process_on_the_global_batch(tmp_path, launch):
     """DDP over two ranks (half the batch each) against one process on the whole batch.
 
@@ -99,6 +114,7 @@ def test_dcp_resume_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     ckpt.mkdir()
     launch("dcp_save", 2, tmp_path, str(ckpt))
     launch("dcp_load", 2, tmp_path, str(ckpt))
+    _assert_stacked(tmp_path)
     loaded = [_read(tmp_path / f"dcp_load_rank{r}.json") for r in range(2)]
     for r in loaded:
         assert r["state_mismatch"] == []
@@ -124,21 +140,36 @@ def test_dcp_resume_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
 def test_dcp_resume_adapprox_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     """torch.distributed.checkpoint with Adapprox: the same save / load / continue as for
     MicroAdam (two FSDP2 ranks, uneven shards of 19 and 18 rows, 7 + 7 steps; group 1
-    without the first moment).
+    without the first moment), in the same scheme.
 
-    Adapprox's state is per shard with a rank chosen per shard, so its keys carry a per-rank
-    suffix (``factor_q@shard0of2``) and DCP saves every rank's own state; the factors are
-    padded to the largest rank, so a fresh optimizer's state has their shapes. Every rank's
-    state after loading equals its state before saving (every tensor, dtype, shape and
-    bits), and the final parameters equal the uninterrupted run's bit for bit. In one
-    process the two-rank checkpoint does not load (DCP finds no ``@shard0of1`` or unsuffixed
-    keys), and ``Adapprox.load_state_dict`` raises a ``ValueError`` naming the parameter and
-    the shards for per-shard state from an unsharded parameter or another sharding.
+    Every state tensor but ``step`` goes to DCP as a DTensor of global shape
+    ``(2, *largest_shard_shape)`` sharded on dim 0; ``factor_q`` and ``factor_u`` are padded
+    to the largest rank a shard can take (8 for the (37, 24) weight, 5 for the (10, 37) one,
+    whose shards have 5 rows), with each shard's rank in ``factor_rank`` (int64, ``(2,)``),
+    so a fresh optimizer's state has their shapes. Every rank's state after loading equals
+    its state before saving (every tensor, dtype, shape and bits), and the final parameters
+    equal the uninterrupted run's bit for bit. In one process the two-rank checkpoint does
+    not load (a size mismatch in DCP's planner), and ``Adapprox.load_state_dict`` raises a
+    ``ValueError`` naming the parameter and both shard counts for stacked state given to
+    an unsharded parameter or stacked over another number of shards.
     """
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     launch("dcp_adapprox_save", 2, tmp_path, str(ckpt))
     launch("dcp_adapprox_load", 2, tmp_path, str(ckpt))
+    saved = _assert_stacked(tmp_path)
+    f32, i64, u8 = "torch.float32", "torch.int64", "torch.uint8"
+    assert {k: v[1:] for k, v in saved["0.weight"].items()} == {
+        "step": [[], f32],
+        "factor_q": [[2, 19, 8], f32],
+        "factor_u": [[2, 24, 8], f32],
+        "factor_rank": [[2], i64],
+        "rng_state": [[2, 5056], u8],  # a CPU generator's state
+        "exp_avg": [[2, 19, 24], f32],
+    }
+    assert saved["2.weight"]["factor_q"][1] == [2, 5, 5]
+    assert saved["2.weight"]["factor_u"][1] == [2, 37, 5]
+    assert saved["2.bias"]["exp_avg_sq"][1] == [2, 5]
     loaded = [_read(tmp_path / f"dcp_load_rank{r}.json") for r in range(2)]
     for r in loaded:
         assert r["state_mismatch"] == []
@@ -156,19 +187,36 @@ def test_dcp_resume_adapprox_is_bitwise_and_refuses_another_world_size(tmp_path,
 
     launch("dcp_adapprox_wrong_world", 1, tmp_path, str(ckpt))
     errors = _read(tmp_path / "dcp_adapprox_wrong_world.json")
-    assert "factor_q@shard0of1" in errors["keys"]
-    assert "factor_rank@shard0of1" in errors["keys"]
+    assert errors["keys"] == sorted(saved["0.weight"])  # no per-shard key names
     for case in ("fsdp_world1", "plain"):
         assert errors[case] is not None, f"{case}: loading onto one rank did not fail"
-        assert "Missing key in checkpoint state_dict: optim.state.0.weight." in errors[case]
+        assert "Size mismatch between saved torch.Size([2, 19, 8])" in errors[case]
+        assert "optim.state.0.weight.factor_q" in errors[case]
     unsharded = errors["load_state_dict_unsharded"]
-    assert "of parameter 0 of param group 0 (shape (37, 24))" in unsharded
-    assert "was saved from shard 0/1 of a sharded (DTensor) parameter" in unsharded
-    assert "per-shard state cannot be resharded" in unsharded
+    assert "factor_q of parameter 0 of param group 0 (shape (37, 24))" in unsharded
+    assert "but this parameter is not sharded" in unsharded
+    assert "per-shard optimizer state cannot be resharded" in unsharded
     two = errors["load_state_dict_two_shards"]
-    assert "of parameter 0 of param group 0 (shape (37, 24))" in two
-    assert "was saved from shard 0/2, but this rank holds shard 0/1" in two
-    assert "per-shard state cannot be resharded" in two
+    assert "factor_q of parameter 0 of param group 0 (shape (37, 24))" in two
+    assert "was saved from 2 shard(s), but the parameter is sharded over 1 rank(s)" in two
+
+
+def test_dcp_adapprox_with_an_empty_shard_is_bitwise(tmp_path, launch):
+    """A (1, 6) weight on two ranks: rank 1's shard has no rows, so it keeps the dense
+    rule's ``exp_avg_sq`` where rank 0 keeps factors. DCP needs the same keys on every
+    rank, so each also saves the other layout's keys with no elements (dropped on load).
+    Save after 3 steps, load into a fresh model and optimizer: the state is the same on
+    both ranks (no key more or less), and 3 more steps give the same parameters bit for
+    bit."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    launch("dcp_adapprox_empty_shard", 2, tmp_path, str(ckpt))
+    ranks = [_read(tmp_path / f"dcp_adapprox_empty_shard_rank{r}.json") for r in range(2)]
+    assert ranks[0]["weight_state"] == ["exp_avg", "factor_q", "factor_u", "rng_state", "step"]
+    assert ranks[1]["weight_state"] == ["exp_avg", "exp_avg_sq", "step"]
+    for r in ranks:
+        assert r["state_mismatch"] == []
+        assert r["params_bitwise_equal"]
 
 
 def test_non_finite_gradient_raises_on_every_rank_and_changes_nothing(tmp_path, launch):

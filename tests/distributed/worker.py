@@ -273,8 +273,37 @@ def _local_states(model, opt) -> dict:
     }
 
 
+def _state_mismatch(before: dict, after: dict) -> list[str]:
+    """The ``param.key`` of every state tensor that differs (dtype, shape or bits), is
+    missing from ``after`` or only in it."""
+    return [
+        f"{name}.{k}"
+        for name, st in before.items()
+        for k, v in st.items()
+        if k not in after[name]
+        or after[name][k].dtype != v.dtype
+        or after[name][k].shape != v.shape
+        or not torch.equal(after[name][k], v)
+    ] + [f"{name}.{k} (extra)" for name, st in after.items() for k in st if k not in before[name]]
+
+
 def _full_params(model) -> dict:
     return {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+
+
+def _saved_layout(osd: dict) -> dict:
+    """What DCP was given for each parameter's state: ``[kind, global shape, dtype]`` per
+    key, ``kind`` being ``"DTensor[placements]"`` or ``"plain"``."""
+    from microadam.optim._sharding import is_dtensor
+
+    def describe(v):
+        kind = f"DTensor{list(map(str, v.placements))}" if is_dtensor(v) else "plain"
+        return [kind, list(v.shape), str(v.dtype)]
+
+    return {
+        name: {k: describe(v) for k, v in st.items() if isinstance(v, torch.Tensor)}
+        for name, st in osd["state"].items()
+    }
 
 
 def run_dcp_save(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
@@ -287,6 +316,7 @@ def run_dcp_save(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
     torch.save(_local_states(model, opt), out / f"state_before_rank{rank}.pt")
+    _write(out, f"dcp_saved_layout_rank{rank}.json", _saved_layout(osd))
     _dcp_train(model, opt, 7, 14)
     full = _full_params(model)
     if rank == 0:
@@ -304,24 +334,59 @@ def run_dcp_load(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     before = torch.load(out / f"state_before_rank{rank}.pt", weights_only=True)
     after = _local_states(model, opt)
-    mismatch = [
-        f"{name}.{k}"
-        for name, st in before.items()
-        for k, v in st.items()
-        if k not in after[name]
-        or after[name][k].dtype != v.dtype
-        or after[name][k].shape != v.shape
-        or not torch.equal(after[name][k], v)
-    ] + [f"{name}.{k} (extra)" for name, st in after.items() for k in st if k not in before[name]]
     shapes = {name: {k: list(v.shape) for k, v in st.items()} for name, st in after.items()}
     _dcp_train(model, opt, 7, 14)
     full = _full_params(model)
-    result = {"state_mismatch": mismatch, "state_shapes": shapes}
+    result = {"state_mismatch": _state_mismatch(before, after), "state_shapes": shapes}
     if rank == 0:
         ref = torch.load(out / "final_uninterrupted.pt", weights_only=True)
         result["max_param_diff"] = max((full[k] - ref[k]).abs().max().item() for k in ref)
         result["params_bitwise_equal"] = all(torch.equal(full[k], ref[k]) for k in ref)
     _write(out, f"dcp_load_rank{rank}.json", result)
+
+
+def run_dcp_adapprox_empty_shard(out: Path, ckpt: str) -> None:
+    """Adapprox with a weight of one row on two ranks: rank 1's shard is empty, so it keeps
+    the dense rule's ``exp_avg_sq`` where rank 0 keeps factors. Save with DCP after 3
+    steps, load into a fresh model and optimizer, and compare the state and 3 more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    x = torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(4))
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 1))
+        fully_shard(model)
+        return model, Adapprox(model.parameters(), lr=1e-2, max_rank=4)
+
+    def train(model, opt, t0, t1):
+        for t in range(t0, t1):
+            model(x[t]).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = setup()
+    train(model, opt, 0, 3)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    before = _local_states(model, opt)
+    model2, opt2 = setup()
+    msd2, osd2 = get_state_dict(model2, opt2)
+    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=ckpt)
+    set_state_dict(model2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
+    after = _local_states(model2, opt2)
+    train(model, opt, 3, 6)
+    train(model2, opt2, 3, 6)
+    full, full2 = _full_params(model), _full_params(model2)
+    result = {
+        "weight_state": sorted(before["2.weight"]),
+        "state_mismatch": _state_mismatch(before, after),
+        "params_bitwise_equal": all(torch.equal(full[k], full2[k]) for k in full),
+    }
+    _write(out, f"dcp_adapprox_empty_shard_rank{rank}.json", result)
 
 
 def _dcp_load_errors(ckpt: str, optimizer: str) -> dict[str, str | None]:
@@ -344,46 +409,26 @@ def _dcp_load_errors(ckpt: str, optimizer: str) -> dict[str, str | None]:
     return errors
 
 
-def run_dcp_adapprox_wrong_world(out: Path, ckpt: str) -> None:
-    """Load the two-rank Adapprox checkpoint in one process (FSDP2 on a world of one, and
-    a plain model): the per-shard keys are not there, so both must fail; and
-    ``Adapprox.load_state_dict`` refuses per-shard state of another shard or sharding."""
-    errors = _dcp_load_errors(ckpt, "Adapprox")
-    sharded_model, sharded_opt = _dcp_setup(sharded=True, optimizer="Adapprox")
+def run_dcp_wrong_world(out: Path, ckpt: str, optimizer: str = "MicroAdam") -> None:
+    """Load the two-rank checkpoint in one process: FSDP2 on a world of one, and a plain
+    model. Both must fail, and say why; and ``load_state_dict`` given such state directly
+    (stacked state for an unsharded parameter, or stacked over another number of shards)
+    must raise a ``ValueError`` naming the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    errors = _dcp_load_errors(ckpt, optimizer)
+    sharded_model, sharded_opt = _dcp_setup(sharded=True, optimizer=optimizer)
     _dcp_train(sharded_model, sharded_opt, 0, 1)
     sd = sharded_opt.state_dict()
     errors["keys"] = sorted(sd["state"][0])
-    _, plain_opt = _dcp_setup(sharded=False, optimizer="Adapprox")
+    _, plain_opt = _dcp_setup(sharded=False, optimizer=optimizer)
     try:
         plain_opt.load_state_dict(sd)
     except ValueError as err:
         errors["load_state_dict_unsharded"] = str(err)
-    renamed = {k.replace("of1", "of2"): v for k, v in sd["state"][0].items()}
-    sd2 = {**sd, "state": {**sd["state"], 0: renamed}}
-    try:
-        sharded_opt.load_state_dict(sd2)
-    except ValueError as err:
-        errors["load_state_dict_two_shards"] = str(err)
-    _write(out, "dcp_adapprox_wrong_world.json", errors)
-
-
-def run_dcp_wrong_world(out: Path, ckpt: str) -> None:
-    """Load the two-rank checkpoint in one process: FSDP2 on a world of one, and a plain
-    model. Both must fail, and say why."""
-    errors = _dcp_load_errors(ckpt, "MicroAdam")
-    # The same checks in MicroAdam.load_state_dict, for state dicts that reach it directly.
-    from torch.distributed.tensor import DTensor
-
-    sharded_model, sharded_opt = _dcp_setup(sharded=True)
-    _dcp_train(sharded_model, sharded_opt, 0, 1)
-    sd = sharded_opt.state_dict()
-    _, plain_opt = _dcp_setup(sharded=False)
-    try:
-        plain_opt.load_state_dict(sd)
-    except ValueError as err:
-        errors["load_state_dict_unsharded"] = str(err)
-    value = sd["state"][0]["window_indices"]  # saved from 1 shard; pretend from 2
-    sd["state"][0]["window_indices"] = DTensor.from_local(
+    key = "window_indices" if optimizer == "MicroAdam" else "factor_q"
+    value = sd["state"][0][key]  # saved from 1 shard; pretend from 2
+    sd["state"][0][key] = DTensor.from_local(
         value.to_local(),
         value.device_mesh,
         value.placements,
@@ -395,7 +440,8 @@ def run_dcp_wrong_world(out: Path, ckpt: str) -> None:
         sharded_opt.load_state_dict(sd)
     except ValueError as err:
         errors["load_state_dict_two_shards"] = str(err)
-    _write(out, "dcp_wrong_world.json", errors)
+    name = "dcp_wrong_world" if optimizer == "MicroAdam" else "dcp_adapprox_wrong_world"
+    _write(out, f"{name}.json", errors)
 
 
 # -- non-finite gradients --------------------------------------------------------------
@@ -529,8 +575,10 @@ def main() -> None:
             run_dcp_save(out, sys.argv[3], "Adapprox")
         elif mode == "dcp_adapprox_load":
             run_dcp_load(out, sys.argv[3], "Adapprox")
+        elif mode == "dcp_adapprox_empty_shard":
+            run_dcp_adapprox_empty_shard(out, sys.argv[3])
         elif mode == "dcp_adapprox_wrong_world":
-            run_dcp_adapprox_wrong_world(out, sys.argv[3])
+            run_dcp_wrong_world(out, sys.argv[3], "Adapprox")
         elif mode == "dcp_wrong_world":
             run_dcp_wrong_world(out, sys.argv[3])
         else:

@@ -145,20 +145,24 @@ def test_state_of_a_parameter_of_another_shape_is_refused(name, pattern):
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", ["next", 0, "1", None])
 def test_unknown_format_version_is_refused(name, version):
     cls, key, kw = SPECS[name]
+    current = {"MicroAdam": 1, "Adapprox": 2}[name]
+    version = current + 1 if version == "next" else version
     opt, params = _trained(cls, [(20, 10), (30,)], **kw)
     sd = opt.state_dict()
     sd[key] = version
-    if name == "MicroAdam":  # the per-group copies (for distributed checkpoints) as well
-        sd["param_groups"] = [{**g, key: version} for g in sd["param_groups"]]
+    # The per-group copies (for distributed checkpoints) as well.
+    sd["param_groups"] = [{**g, key: version} for g in sd["param_groups"]]
     if version is None:
+        sd["param_groups"] = [{k: v for k, v in g.items() if k != key} for g in sd["param_groups"]]
+        del sd[key]
         pattern = rf"it has no '{key}'"
     else:
         pattern = (
             rf"{key} is {re.escape(repr(version))}, but this version of microadam reads "
-            rf"{name} state dicts of format 1 only"
+            rf"{name} state dicts of format {current} only"
         )
     _refused(opt, params, sd, pattern)
 

@@ -15,12 +15,19 @@ DCP saves and loads per rank. The leading dimension is the number of shards and 
 tensor has one more dimension than the plain state, so loading into a different world size,
 or into an optimizer whose parameter is not sharded, fails with a size mismatch instead of
 loading the wrong numbers. :func:`local_state_value` undoes it on load.
+
+MicroAdam and Adapprox both save their DTensor parameters' state this way:
+:func:`shard_states` applies the scheme to every DTensor parameter of an optimizer's
+``state_dict()`` and :func:`local_states` undoes it for every parameter of a state dict
+being loaded. ``step`` (the same number on every rank) stays a plain tensor, which DCP
+saves once as replicated; everything else, integer and uint8 tensors included, is stacked.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,11 +37,18 @@ __all__ = [
     "is_dtensor",
     "local",
     "local_state_value",
+    "local_states",
     "max_local_shape",
     "num_shards",
     "shard_index",
+    "shard_shapes",
     "shard_state_value",
+    "shard_states",
 ]
+
+# Where a saved parameter id points: the parameter and its group's settings (as
+# ``_common.params_by_saved_id`` makes it).
+ParamsById = Mapping[Any, tuple[torch.Tensor, dict[str, Any]]]
 
 
 @functools.cache
@@ -109,6 +123,28 @@ def max_local_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def shard_shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
+    """The local shape of every shard of DTensor ``p``, in the order of :func:`shard_index`:
+    chunked as ``torch.chunk`` does along each sharded mesh dimension, so the last shards
+    can be smaller than the first, or empty."""
+    from torch.distributed.tensor import Shard
+
+    shapes = [list(p.shape)]
+    for i, pl in enumerate(p.placements):
+        if not isinstance(pl, Shard):
+            continue
+        n, d = p.device_mesh.size(i), pl.dim
+        pieces = []
+        for shape in shapes:
+            chunk = -(-shape[d] // n)
+            for c in range(n):
+                piece = list(shape)
+                piece[d] = max(0, min(chunk, shape[d] - c * chunk))
+                pieces.append(piece)
+        shapes = pieces
+    return [tuple(s) for s in shapes]
+
+
 def shard_state_value(
     p: torch.Tensor, value: torch.Tensor, max_shape: tuple[int, ...], where: str
 ) -> torch.Tensor:
@@ -170,6 +206,88 @@ def local_state_value(
             f"{tuple(mine.shape)} does not hold this rank's state of shape {shape}"
         )
     return mine[0][tuple(slice(0, s) for s in shape)]
+
+
+def _lazy_where(describe: Callable[[torch.Tensor], str], p: torch.Tensor) -> Any:
+    """How error messages name ``p``, made only when one is raised."""
+    from microadam.optim._common import LazyText  # _common imports this module
+
+    return LazyText(lambda: describe(p))
+
+
+def shard_states(
+    state: dict[Any, Any],
+    params: ParamsById,
+    layout: Callable[
+        [torch.Tensor, dict[str, Any], dict[str, Any]],
+        tuple[dict[str, Any], Mapping[str, tuple[int, ...]]],
+    ],
+    describe: Callable[[torch.Tensor], str],
+) -> None:
+    """Apply the scheme, in place, to ``state`` (the ``state`` of ``Optimizer.state_dict()``,
+    whose values are the optimizer's own dicts: they are replaced, never changed).
+
+    For every DTensor parameter of ``params`` with state, ``layout(param, group, state)``
+    gives the state to save (the parameter's own, or a new dict with entries added) and
+    the largest shard's shape of each of its keys; every tensor but ``step`` becomes a
+    :func:`shard_state_value` of that shape. The same ``layout`` must give the same shapes
+    on every rank of the parameter's mesh.
+    """
+    for pid, (p, group) in params.items():
+        if not is_dtensor(p) or pid not in state:
+            continue
+        where = _lazy_where(describe, p)
+        saved, max_shapes = layout(p, group, state[pid])
+        stacked = {}
+        for key, value in saved.items():
+            if key != "step" and isinstance(value, torch.Tensor):
+                if key not in max_shapes:
+                    raise RuntimeError(f"{where}: state {key!r} has no checkpoint layout")
+                value = shard_state_value(p, value, max_shapes[key], where)
+            stacked[key] = value
+        state[pid] = stacked
+
+
+def local_states(
+    state: dict[Any, Any],
+    params: ParamsById,
+    local_shapes: Callable[
+        [torch.Tensor, dict[str, Any], dict[str, Any]], Mapping[str, tuple[int, ...]]
+    ],
+    describe: Callable[[torch.Tensor], str],
+) -> dict[Any, Any]:
+    """``state`` (a state dict's being loaded) with the stacked state of every DTensor
+    parameter back as this rank's plain tensors: each key that ``local_shapes(param,
+    group, saved_state)`` names becomes :func:`local_state_value` of that shape; ``step``,
+    other values and keys it does not name stay as they are (the load checks judge them).
+    ``ValueError`` for state saved for another sharding, or saved sharded for a parameter
+    that is not a DTensor here."""
+    new_state = {}
+    for pid, saved in state.items():
+        p, group = params.get(pid, (None, None))
+        if p is None or not isinstance(saved, dict):
+            new_state[pid] = saved
+            continue
+        where = _lazy_where(describe, p)
+        if not is_dtensor(p):
+            for key, value in saved.items():
+                if is_dtensor(value):
+                    raise ValueError(
+                        f"Invalid state_dict: {key} of {where} was saved from a parameter "
+                        f"sharded over {value.shape[0]} rank(s) (a DTensor of shape "
+                        f"{tuple(value.shape)}), but this parameter is not sharded; "
+                        "per-shard optimizer state cannot be resharded"
+                    )
+            new_state[pid] = saved
+            continue
+        shapes = local_shapes(p, group, saved)
+        new_state[pid] = {
+            key: local_state_value(p, value, shapes[key], where, key)
+            if key != "step" and key in shapes and isinstance(value, torch.Tensor)
+            else value
+            for key, value in saved.items()
+        }
+    return new_state
 
 
 def all_ranks_agree(ok: list[bool], params: list[torch.Tensor]) -> list[bool]:

@@ -50,7 +50,10 @@ DEFAULT_RANK_TOLERANCE = 0.1
 DEFAULT_POWER_ITERATIONS = 1
 DEFAULT_OVERSAMPLING = 0
 
-STATE_FORMAT_VERSION = 1
+# Version 2 saves DTensor parameters' state stacked over the shards (_sharding); version 1
+# gave it per-shard keys. Plain parameters' state is the same in both, so version-1 dicts
+# without per-shard keys still load.
+STATE_FORMAT_VERSION = 2
 # State keys that live on the CPU whatever the parameter's device.
 _CPU_KEYS = ("step", "rng_state")
 _FLOORS = ("gradient", "zero")
@@ -386,13 +389,20 @@ class Adapprox(Optimizer):
         (``factor_q`` has the local row count, the rank is chosen per shard, and the
         sketches come from per-rank generators), which is not the factorization one process
         would compute for the whole matrix. The non-finite gradient check is agreed over the
-        ranks. The per-shard state cannot be resharded, so :meth:`state_dict` gives its keys
-        a per-rank suffix (``factor_q@shard0of2``): ``torch.distributed.checkpoint`` (DCP,
-        ``get_state_dict`` / ``set_state_dict``) then saves every rank's own state and loads
-        it back into the same world size and sharding bit for bit, and loading it into
-        another world size fails (DCP's missing-key error, or a ``ValueError`` from
-        :meth:`load_state_dict` naming the parameter and both shards).
-        ``torch.save(opt.state_dict())`` on each rank works too.
+        ranks. For ``torch.distributed.checkpoint`` (DCP, ``get_state_dict`` /
+        ``set_state_dict``), :meth:`state_dict` presents each per-shard state tensor but
+        ``step`` as a DTensor of global shape ``(num_shards, *shape)`` sharded on dim 0 over
+        the parameter's mesh (zero-padded to the largest shard, the factors to the largest
+        rank a shard can take, with each shard's rank in ``factor_rank``), as MicroAdam
+        does, so DCP saves every rank's own state and resuming in the same world size is
+        bit-exact. Per-shard state cannot be resharded: loading into another world size,
+        or into unsharded parameters, fails in DCP's planner with a size mismatch for the
+        parameter's state key (the leading dimension is the number of shards), and in
+        :meth:`load_state_dict` with a ``ValueError`` naming the parameter and both shard
+        counts. ``torch.save(opt.state_dict())`` on each rank works too. Checkpoints of
+        sharded parameters written by microadam before ``adapprox_format`` 2 (per-shard
+        keys such as ``factor_q@shard0of2``) are refused with a ``ValueError``; others of
+        format 1 load as they are.
 
     .. note::
         Huge gradients. A non-finite gradient raises ``RuntimeError`` and changes nothing;
@@ -620,115 +630,187 @@ class Adapprox(Optimizer):
         """The state dict, with ``adapprox_format`` (the layout version) at the top level.
 
         Plain parameters' state is as in ``torch.optim``. The state of a DTensor parameter
-        (FSDP2) is per shard, so each of its keys is renamed ``f"{key}@shard{r}of{w}"``
-        (``r`` this rank's shard of the parameter, ``w`` the number of shards): every rank's
-        keys are its own, and ``torch.distributed.checkpoint`` (DCP) saves every rank's
-        state instead of deduplicating it as replicated. ``factor_q`` and ``factor_u`` are
-        zero-padded to the largest rank the parameter can take and the chosen rank is saved
-        as ``factor_rank``, so that their shapes do not depend on the adaptive rank (DCP
-        loads into the shapes of a fresh optimizer's state). When any parameter is a
-        DTensor, ``adapprox_format`` is also copied into every param group (DCP's
-        ``get_state_dict`` keeps only ``state`` and ``param_groups``).
+        (FSDP2) is per shard; each of its tensors but ``step`` comes as a DTensor of global
+        shape ``(num_shards, *largest_shard_shape)`` sharded on dim 0 over the parameter's
+        mesh, as MicroAdam's does (see :mod:`microadam.optim._sharding`), so that
+        ``torch.distributed.checkpoint`` (DCP) saves and loads every rank's own state.
+        ``factor_q`` and ``factor_u`` are zero-padded to the largest rank any shard can
+        take (``min(max_rank, m, n)`` of the largest shard's matrix) and each shard's
+        chosen rank is saved as ``factor_rank`` (int64, global shape ``(num_shards,)``),
+        so that the shapes do not depend on the adaptive rank (DCP loads into the shapes of
+        a fresh optimizer's state). ``rng_state`` is stacked as well (each rank's generator
+        is its own; its length is the same on every rank of a mesh, whose parameters share
+        a device type). ``adapprox_format`` is also copied into every param group
+        (``torch.distributed.checkpoint.state_dict`` keeps only ``state`` and
+        ``param_groups``, also for unsharded models such as DDP's).
         """
         sd = super().state_dict()
         sd["adapprox_format"] = STATE_FORMAT_VERSION
-        sharded = False
-        for group, saved in zip(self.param_groups, sd["param_groups"], strict=True):
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                if not _sharding.is_dtensor(p):
-                    continue
-                sharded = True
-                if pid in sd["state"]:
-                    sd["state"][pid] = self._shard_keys(p, group, sd["state"][pid])
-        if sharded:
-            sd["param_groups"] = [
-                {**g, "adapprox_format": STATE_FORMAT_VERSION} for g in sd["param_groups"]
-            ]
+        sd["param_groups"] = [
+            {**g, "adapprox_format": STATE_FORMAT_VERSION} for g in sd["param_groups"]
+        ]
+        ids = params_by_saved_id(self.param_groups, sd["param_groups"])
+        _sharding.shard_states(sd["state"], ids, self._checkpoint_layout, self._describe)
         return sd
 
-    # DTensor parameters in checkpoints: per-shard keys.
+    # DTensor parameters in checkpoints: the stacked scheme of _sharding, with the factors
+    # padded to the largest rank. A factored parameter with empty shards (fewer rows than
+    # ranks) has two layouts: an empty shard keeps the dense rule's exp_avg_sq, the others
+    # factors. DCP needs every rank to save the same keys, so each saves the other
+    # layout's keys with no elements (zero-padded to the largest shard), dropped on load.
+    _DENSE_KEYS = ("exp_avg_sq",)
+    _FACTOR_KEYS = ("factor_q", "factor_u", "factor_rank", "rng_state")
 
-    def _shard_keys(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> dict:
-        """``state`` of DTensor parameter ``p`` with per-shard keys and padded factors."""
-        r, w = _sharding.shard_index(p)
-        state = dict(state)  # a new dict: the packed one is self.state[p]
-        shape = matrix_shape(_sharding.local(p))
-        q, u = state.get("factor_q"), state.get("factor_u")
-        if shape is not None and isinstance(q, torch.Tensor) and isinstance(u, torch.Tensor):
+    def _mixed_layout(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether DTensor ``p`` is factored but some of its shards are empty."""
+        return self._largest_factors(p, group) is not None and any(
+            0 in shape for shape in _sharding.shard_shapes(p)
+        )
+
+    @staticmethod
+    def _other_layout(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keys of the layout that DTensor ``p``'s shard does not have, with no elements
+        (``factor_rank`` follows from ``factor_q``)."""
+        lp = _sharding.local(p)
+        dtype, dev = _compute_dtype(lp), lp.device
+        if matrix_shape(lp) is not None:
+            return {"exp_avg_sq": torch.zeros((0,) * lp.dim(), dtype=dtype, device=dev)}
+        length = torch.Generator(device=dev).get_state().numel()
+        return {
+            "factor_q": torch.zeros((0, 0), dtype=dtype, device=dev),
+            "factor_u": torch.zeros((0, 0), dtype=dtype, device=dev),
+            "rng_state": torch.zeros(length, dtype=torch.uint8),
+        }
+
+    @staticmethod
+    def _largest_factors(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, int, int] | None:
+        """``(m, n, top)`` of DTensor ``p``'s largest shard: its matrix and the largest rank
+        a shard's factors can have; None for the dense rule (or settings the load checks
+        refuse)."""
+        biggest = matrix_shape(torch.empty(_sharding.max_local_shape(p), device="meta"))
+        max_rank = group.get("max_rank")
+        if biggest is None or isinstance(max_rank, bool) or not isinstance(max_rank, int):
+            return None
+        m, n = biggest
+        return m, n, min(max_rank, m, n)
+
+    def _checkpoint_layout(
+        self, p: torch.Tensor, group: dict[str, Any], state: dict
+    ) -> tuple[dict, dict[str, tuple[int, ...]]]:
+        """The state of DTensor ``p`` to save (with ``factor_rank``) and the largest shard's
+        shape of each key, the same on every rank."""
+        if self._mixed_layout(p, group):
+            state = {**self._other_layout(p), **state}
+        biggest = _sharding.max_local_shape(p)
+        shapes: dict[str, tuple[int, ...]] = {"exp_avg": biggest, "exp_avg_sq": biggest}
+        factors = self._largest_factors(p, group)
+        q, rng = state.get("factor_q"), state.get("rng_state")
+        if factors is not None and isinstance(q, torch.Tensor) and q.dim() == 2:
+            m, n, top = factors
             k = q.shape[1]
-            top = max(min(group["max_rank"], *shape), k)
-            state["factor_q"] = torch.nn.functional.pad(q, (0, top - k))
-            state["factor_u"] = torch.nn.functional.pad(u, (0, top - u.shape[1]))
-            state["factor_rank"] = torch.tensor(k, dtype=torch.int64)
-        return {f"{key}@shard{r}of{w}": value for key, value in state.items()}
+            if k > top:
+                raise RuntimeError(
+                    f"Adapprox state of {self._describe(p)}: factor_q has rank {k}, above "
+                    f"{top}, the largest its param group's max_rank allows; step once with "
+                    "the new max_rank before saving"
+                )
+            shapes |= {"factor_q": (m, top), "factor_u": (n, top), "factor_rank": ()}
+            state = {**state, "factor_rank": torch.tensor(k, dtype=torch.int64)}
+        if isinstance(rng, torch.Tensor):
+            shapes["rng_state"] = tuple(rng.shape)
+        return state, shapes
 
     def _local_state_for_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the layout version at the top level (also when DCP dropped
-        it), without the per-group copies, and with the per-shard keys of DTensor
-        parameters mapped back; ``ValueError`` when saved for another sharding."""
+        it), without the per-group copies, with a version-1 dict taken as version 2 (the
+        layout differs only for DTensor parameters, whose version-1 state is refused), and
+        with the stacked state of DTensor parameters back as this rank's plain tensors;
+        ``ValueError`` when saved for another sharding."""
         state_dict = lift_format_key(state_dict, "adapprox_format")
         state = state_dict.get("state")
         if not isinstance(state, dict) or not isinstance(state_dict.get("param_groups"), list):
             return state_dict
+        saved_version = state_dict.get("adapprox_format")
+        if type(saved_version) is int and saved_version == 1:
+            self._refuse_version_1_shards(state)
+            state_dict = {**state_dict, "adapprox_format": STATE_FORMAT_VERSION}
         ids = params_by_saved_id(self.param_groups, state_dict["param_groups"])
-        new_state, changed = {}, False
-        for pid, saved in state.items():
-            p = ids.get(pid, (None, None))[0]
-            if p is None or not isinstance(saved, dict):
-                new_state[pid] = saved
-                continue
-            suffixed = [k for k in saved if isinstance(k, str) and "@shard" in k]
-            if not suffixed and not _sharding.is_dtensor(p):
-                new_state[pid] = saved
-                continue
-            changed = True
-            new_state[pid] = self._unshard_keys(p, saved)
-        if changed:
-            state_dict = {**state_dict, "state": new_state}
-        return state_dict
+        sharded = {
+            pid: (p, group)
+            for pid, (p, group) in ids.items()
+            if _sharding.is_dtensor(p) and isinstance(state.get(pid), dict)
+        }
+        state = {**state}
+        for pid, (p, group) in sharded.items():
+            if self._mixed_layout(p, group):  # drop the other layout's keys
+                factored = matrix_shape(_sharding.local(p)) is not None
+                drop = self._DENSE_KEYS if factored else self._FACTOR_KEYS
+                state[pid] = {k: v for k, v in state[pid].items() if k not in drop}
+        state = _sharding.local_states(state, ids, self._local_shapes, self._describe)
+        for pid, (p, _) in sharded.items():
+            state[pid] = self._unpad_factors(p, state[pid])
+        return {**state_dict, "state": state}
 
-    def _unshard_keys(self, p: torch.Tensor, saved: dict) -> dict:
-        where = LazyText(lambda: self._describe(p))
-        mine = _sharding.shard_index(p) if _sharding.is_dtensor(p) else None
-        out = {}
-        for key, value in saved.items():
-            m = re.fullmatch(r"(.+)@shard(\d+)of(\d+)", key) if isinstance(key, str) else None
-            if m is None:
-                if mine is not None:
+    @staticmethod
+    def _refuse_version_1_shards(state: dict[Any, Any]) -> None:
+        """``ValueError`` if ``state`` (of a version-1 state dict) holds the per-shard keys that
+        version 1 gave DTensor parameters (``factor_q@shard0of2``); its other entries have the
+        layout of version 2."""
+        for saved in state.values():
+            for key in saved if isinstance(saved, dict) else ():
+                if isinstance(key, str) and re.fullmatch(r".+@shard\d+of\d+", key):
                     raise ValueError(
-                        f"Invalid state_dict: {key} of {where} has no per-shard suffix, but "
-                        f"the parameter is a DTensor (shard {mine[0]}/{mine[1]} here); it was "
-                        "saved from an optimizer whose parameter was not sharded, and "
-                        "per-shard state cannot be resharded"
+                        f"Invalid state_dict: it has the per-shard key {key!r}, so it was written "
+                        "by an older microadam (adapprox_format 1) with another sharded layout; "
+                        "this version saves the state of DTensor (FSDP2) parameters as DTensors "
+                        f"stacked over the shards (adapprox_format {STATE_FORMAT_VERSION}) and "
+                        "cannot read it. Load it with the microadam version that wrote it, or "
+                        "start the optimizer state afresh"
                     )
-                out[key] = value
-                continue
-            name, r, w = m.group(1), int(m.group(2)), int(m.group(3))
-            if mine is None:
-                raise ValueError(
-                    f"Invalid state_dict: {name} of {where} was saved from shard {r}/{w} of a "
-                    "sharded (DTensor) parameter, but this parameter is not sharded; "
-                    "per-shard state cannot be resharded"
-                )
-            if (r, w) != mine:
-                raise ValueError(
-                    f"Invalid state_dict: {name} of {where} was saved from shard {r}/{w}, but "
-                    f"this rank holds shard {mine[0]}/{mine[1]}; per-shard state cannot be "
-                    "resharded (load it into the world size and sharding it was saved from)"
-                )
-            out[name] = value
-        rank = out.pop("factor_rank", None)
-        if rank is not None:
-            k = int(rank)
-            for key in ("factor_q", "factor_u"):
-                v = out.get(key)
-                if isinstance(v, torch.Tensor) and v.dim() == 2:
-                    if not 0 <= k <= v.shape[1]:
-                        raise ValueError(
-                            f"Invalid state_dict: factor_rank {k} of {where} does not fit "
-                            f"{key} of shape {tuple(v.shape)}"
-                        )
-                    out[key] = v[:, :k]
+
+    def _local_shapes(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict
+    ) -> dict[str, tuple[int, ...]]:
+        """This rank's shape of each stacked key of DTensor ``p``'s saved state (the factors
+        still padded to the largest rank)."""
+        lp = _sharding.local(p)
+        shapes = {"exp_avg": tuple(lp.shape), "exp_avg_sq": tuple(lp.shape), "factor_rank": ()}
+        local, factors = matrix_shape(lp), self._largest_factors(p, group)
+        if local is not None and factors is not None:
+            shapes["factor_q"] = (local[0], factors[2])
+            shapes["factor_u"] = (local[1], factors[2])
+        rng = saved.get("rng_state")
+        if isinstance(rng, torch.Tensor) and rng.dim() >= 1:
+            shapes["rng_state"] = tuple(rng.shape[1:])  # whatever length was saved
+        return shapes
+
+    def _unpad_factors(self, p: torch.Tensor, saved: dict) -> dict:
+        """``saved`` (this rank's state of DTensor ``p``) with the factors cut back to the
+        saved ``factor_rank``, which is dropped."""
+        if "factor_rank" not in saved:
+            return saved
+        out = dict(saved)
+        rank = out.pop("factor_rank")
+        where = LazyText(lambda: self._describe(p))
+        if (
+            not isinstance(rank, torch.Tensor)
+            or rank.numel() != 1
+            or rank.dtype.is_floating_point
+            or rank.dtype.is_complex
+        ):
+            raise ValueError(
+                f"Invalid state_dict: factor_rank of {where} is not a one-element integer tensor"
+            )
+        k = int(rank)
+        for key in ("factor_q", "factor_u"):
+            v = out.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() == 2:
+                if not 0 <= k <= v.shape[1]:
+                    raise ValueError(
+                        f"Invalid state_dict: factor_rank {k} of {where} does not fit "
+                        f"{key} of shape {tuple(v.shape)}"
+                    )
+                out[key] = v[:, :k]
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
