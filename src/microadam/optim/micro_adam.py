@@ -59,7 +59,7 @@ __all__ = [
     "micro_adam_step_",
 ]
 
-# Chosen by measurement (benchmarks/block_sizes.py, README "Choosing the block sizes"): on
+# Chosen by measurement (benchmarks/block_sizes.py, docs/speed.md, "Choosing the block sizes"): on
 # CPU every power-of-two pair runs within noise of the fastest; B = 4096 is the smallest
 # block whose ceil(B * 1%) does not inflate k (1024 keeps 1.074%); Q = 256 reached the
 # same loss as Q = 32 or 64 on the digits MLP with 5% less state than Q = 64.

@@ -2,9 +2,10 @@
 
 :data:`STATE_LAYOUT` is the only description of what MicroAdam keeps for a parameter:
 each entry gives a state key, its dtype, its shape rule, where it lives, when it exists
-and its size in bytes. The optimizer creates the state from it, checks loaded and resumed
-state against it, the memory report and the docstring's memory paragraph are computed from
-it, and the fused kernels' loaders check their inputs with it.
+and its size in bytes. The optimizer creates the state from it and checks loaded and resumed
+state against it before any path (eager, compiled, Triton, C++) sees it; the docstring's
+memory list and :func:`state_nbytes` are computed from it (tests compare the latter with
+:func:`microadam.memory.state_bytes`, which counts the tensors actually held).
 
 Sizes are those of the tensor the state belongs to: for a DTensor parameter (FSDP2), its
 local shard.
