@@ -843,18 +843,24 @@ def test_loss_without_gradient_path_reads_p_grad_as_lbfgs(spec):
     def constant():
         return torch.tensor(2.0)
 
+    other = torch.tensor(2.0, requires_grad=True)
+
+    def elsewhere():  # a graph, but to none of the parameters
+        return other.pow(2).div(2.0)
+
     cases = []
     frozen = [torch.tensor([1.0, -2.0], dtype=DTYPE)]  # requires_grad=False: no .grad ever
-    cases.append((frozen, None))
-    zero = [torch.tensor([1.0, -2.0], dtype=DTYPE, requires_grad=True)]
-    zero[0].grad = torch.zeros(2, dtype=DTYPE)
-    cases.append((zero, torch.zeros(2, dtype=DTYPE)))
-    for params, grad in cases:
+    cases.append((frozen, None, constant))
+    for closure in (constant, elsewhere):
+        zero = [torch.tensor([1.0, -2.0], dtype=DTYPE, requires_grad=True)]
+        zero[0].grad = torch.zeros(2, dtype=DTYPE)
+        cases.append((zero, torch.zeros(2, dtype=DTYPE), closure))
+    for params, grad, closure in cases:
         twins = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
         for t, p in zip(twins, params, strict=True):
             t.grad = None if p.grad is None else p.grad.clone()
         opt, lbfgs = cls(params, **settings), torch.optim.LBFGS(twins, max_iter=1)
-        assert opt.step(constant).item() == lbfgs.step(constant).item() == 2.0
+        assert opt.step(closure).item() == lbfgs.step(closure).item() == 2.0
         assert torch.equal(params[0].detach(), twins[0].detach())
         assert torch.equal(params[0].detach(), torch.tensor([1.0, -2.0], dtype=DTYPE))
         assert opt.state[params[0]]["status"] == StopReason.CONVERGED
@@ -874,6 +880,28 @@ def test_loss_without_gradient_path_reads_p_grad_as_lbfgs(spec):
         step = x.detach() - torch.tensor([-1.2, 1.0], dtype=DTYPE)
         assert float(step.dot(g)) < 0.0
         torch.testing.assert_close(step / step.norm(), -g / g.norm(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_backward_closure_may_zero_grads_in_place(spec):
+    # zero_grad(set_to_none=False) + backward() writes p.grad in place (same tensor, new
+    # version): still the backward style, with the same iterates as zero_grad().
+    cls, kwargs = SPECS[spec]
+    results = []
+    for set_to_none in (True, False):
+        x = torch.tensor([-1.2, 1.0], dtype=DTYPE, requires_grad=True)
+        opt = cls([x], max_iter=5, **kwargs)
+
+        def closure(x=x, opt=opt, set_to_none=set_to_none):
+            opt.zero_grad(set_to_none=set_to_none)
+            loss = _rosen_torch(x)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert opt.state[x]["n_iter"] == 5
+        results.append(x.detach())
+    assert torch.equal(results[0], results[1])
 
 
 def test_backward_closure_may_return_a_number():

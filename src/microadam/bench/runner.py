@@ -7,30 +7,47 @@ validation metric over the seeds) and the results file says so. Other hyperparam
 the library defaults except: weight decay 0 wherever the optimizer has one (so that
 AdamW-style decay does not favour one method), SGD with momentum 0.9, and one iteration
 (with its line search) per step for the closure-based L-BFGS, BFGS and Newton, whose
-closure evaluates the whole training set.
+closure evaluates the whole training set. The grid and the hyperparameters are
+:mod:`microadam.bench.grid`'s.
 """
 
 from __future__ import annotations
 
-import ast
 import gc
-import inspect
 import math
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
+# FINETUNE_PEERS and the two parsers stay importable from here (the cli imports them).
+from microadam.bench.grid import (
+    BASE_LR,
+    DEFAULT_OPTIMIZERS,
+    FINETUNE_PEERS,  # noqa: F401
+    LR_FACTORS,
+    MUON_ADAMW_RATIO,
+    base_hyperparameters,
+    default_optimizers,
+    grid_hyperparameters,
+    lr_grid,
+    lr_values,
+    parse_assignments,  # noqa: F401
+    parse_optimizer,
+    split_top_level,  # noqa: F401
+)
 from microadam.bench.progress import Progress
 from microadam.bench.results import SCHEMA, finite
-from microadam.bench.workloads import Workload
+from microadam.bench.workloads import Task, Workload
 from microadam.memory import state_bytes
-from microadam.optim.registry import create_optimizer, get_spec
+from microadam.optim.registry import OptimizerSpec, create_optimizer, get_spec
 
 __all__ = [
     "BASE_LR",
@@ -44,80 +61,6 @@ __all__ = [
     "run_one",
 ]
 
-# Centre of each optimizer's lr grid, by workload (name, else kind). Closure-based methods:
-# the initial step of the line search. Muon: its matrices' lr; the AdamW part's lr scales with it.
-BASE_LR: dict[str, dict[str, float]] = {
-    "function": {
-        "sgd": 1e-3, "rmsprop": 1e-2, "adagrad": 1.0, "adadelta": 1.0, "adam": 0.1,
-        "adamw": 0.1, "amsgrad": 0.1, "adafactor": 0.1, "microadam": 3e-2,
-        "adapprox": 0.1, "muon": 0.1, "adamw8bit": 0.1, "adamw4bit": 0.1,
-        "galore_adamw": 0.1, "lbfgs": 1.0, "newton": 1.0, "bfgs": 1.0,
-    },
-    # The quadratic's curvature is at most 1, Rosenbrock's over 1000 along the valley walls.
-    "quadratic": {
-        "sgd": 0.3, "rmsprop": 1e-2, "adagrad": 1.0, "adadelta": 1.0, "adam": 0.1,
-        "adamw": 0.1, "amsgrad": 0.1, "adafactor": 0.1, "microadam": 3e-2,
-        "adapprox": 0.1, "muon": 0.1, "adamw8bit": 0.1, "adamw4bit": 0.1,
-        "galore_adamw": 0.1, "lbfgs": 1.0, "newton": 1.0, "bfgs": 1.0,
-    },
-    "tabular": {
-        "sgd": 3e-2, "rmsprop": 1e-3, "adagrad": 3e-2, "adadelta": 1.0, "adam": 3e-3,
-        "adamw": 3e-3, "amsgrad": 3e-3, "adafactor": 1e-2, "microadam": 3e-3,
-        "adapprox": 3e-3, "muon": 2e-2, "adamw8bit": 3e-3, "adamw4bit": 3e-3,
-        "galore_adamw": 3e-3, "lbfgs": 1.0, "newton": 1.0, "bfgs": 1.0,
-    },
-    # The Adam family at 1e-3: with 3e-3 at the centre, the full and the quick lm runs both
-    # chose the grid's lowest point (1e-3) for MicroAdam and AdamW alike.
-    "lm": {
-        "sgd": 0.3, "rmsprop": 1e-3, "adagrad": 1e-2, "adadelta": 1.0, "adam": 1e-3,
-        "adamw": 1e-3, "amsgrad": 1e-3, "adafactor": 1e-2, "microadam": 1e-3,
-        "adapprox": 1e-3, "muon": 2e-2, "adamw8bit": 1e-3, "adamw4bit": 1e-3,
-        "galore_adamw": 1e-3,
-    },
-    # Fine-tuning from a pretrained model: the same centres; the full run's 5-point grid
-    # spans 1.1e-4 to 9e-3 for the Adam family.
-    "finetune": {
-        "sgd": 0.1, "rmsprop": 1e-3, "adagrad": 1e-2, "adadelta": 1.0, "adam": 1e-3,
-        "adamw": 1e-3, "amsgrad": 1e-3, "adafactor": 3e-3, "microadam": 1e-3,
-        "adapprox": 1e-3, "muon": 2e-2, "adamw8bit": 1e-3, "adamw4bit": 1e-3,
-        "galore_adamw": 1e-3,
-    },
-}  # fmt: skip
-
-# Muon's AdamW part (embeddings, head, vectors) relative to its matrices' lr.
-_MUON_ADAMW_RATIO = 0.15
-
-# Multipliers of the base lr for a grid of n points.
-LR_FACTORS: dict[int, tuple[float, ...]] = {
-    1: (1.0,),
-    2: (1 / 3, 1.0),
-    3: (1 / 3, 1.0, 3.0),
-    4: (1 / 9, 1 / 3, 1.0, 3.0),
-    5: (1 / 9, 1 / 3, 1.0, 3.0, 9.0),
-}
-
-DEFAULT_OPTIMIZERS: dict[str, tuple[str, ...]] = {
-    "function": ("microadam", "adam", "sgd", "adagrad", "lbfgs", "newton"),
-    "tabular": ("microadam", "adamw", "sgd", "adafactor", "lbfgs"),
-    "lm": ("microadam", "adamw", "adafactor"),
-    # The memory-saving peers are added where installed (see default_optimizers).
-    "finetune": ("microadam", "microadam[density=0.1]", "adamw", "adafactor"),
-}
-# Optional peers a fine-tuning bench compares where their packages are installed.
-FINETUNE_PEERS = ("adamw8bit", "adamw4bit", "galore_adamw")
-
-
-def default_optimizers(kind: str) -> list[str]:
-    """The optimizers a workload of ``kind`` compares unless told otherwise."""
-    from microadam.optim.registry import list_optimizers
-
-    names = list(DEFAULT_OPTIMIZERS[kind])
-    if kind == "finetune":
-        installed = set(list_optimizers())
-        names += [n for n in FINETUNE_PEERS if n in installed]
-    return names
-
-
 WARM_UP_STEPS = 2
 
 # What Task.evaluate reports (a workload may leave out the accuracies and pretrain_val).
@@ -125,41 +68,6 @@ EVAL_KEYS = ("train", "val", "train_accuracy", "val_accuracy", "pretrain_val")
 
 # A finite loss this many times its starting value (plus one) ends the run as diverged.
 DIVERGENCE_FACTOR = 1e6
-
-
-def _nice(x: float) -> float:
-    """Round to two significant digits (3e-3 / 3 is 1e-3, not 0.0009999...)."""
-    return float(f"{x:.2g}")
-
-
-def base_hyperparameters(name: str, kind: str) -> dict[str, Any]:
-    """The bench's hyperparameters for optimizer ``name`` on a workload of ``kind`` (a
-    workload name with its own row in :data:`BASE_LR`, or its kind)."""
-    spec = get_spec(name)
-    hp: dict[str, Any] = {"lr": BASE_LR.get(kind, {}).get(spec.name, 1e-3)}
-    params = inspect.signature(spec.load()).parameters
-    if "weight_decay" in params:
-        hp["weight_decay"] = 0.0
-    if spec.name == "sgd":
-        hp["momentum"] = 0.9
-    if spec.name == "muon":
-        hp["adamw_lr"] = _nice(hp["lr"] * _MUON_ADAMW_RATIO)
-    if spec.needs_closure:
-        hp["max_iter"] = 1
-        if spec.name == "lbfgs":
-            # torch's LBFGS gives its line search max_eval - 1 evaluations: 25, not 0.
-            hp.update(line_search_fn="strong_wolfe", max_eval=26)
-    return hp
-
-
-def lr_values(
-    name: str, kind: str, factors: tuple[float, ...] | None, lrs: tuple[float, ...] | None
-) -> list[float]:
-    """The lr grid of optimizer ``name``: explicit ``lrs``, or ``factors`` x its base lr."""
-    if lrs:
-        return [float(x) for x in lrs]
-    base = base_hyperparameters(name, kind)["lr"]
-    return [_nice(base * f) for f in (factors or (1.0,))]
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -200,6 +108,224 @@ def _json_hp(hp: dict[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
 
 
+def _closure(
+    opt: torch.optim.Optimizer, task: Task, backward: bool, calls: list[int] | None = None
+) -> Callable[[], torch.Tensor]:
+    """The closure of a closure-based method: the loss on the whole training set, with
+    ``backward()`` where the optimizer wants it; each call is counted in ``calls[0]``."""
+
+    def closure() -> torch.Tensor:
+        if calls is not None:
+            calls[0] += 1
+        opt.zero_grad(set_to_none=True)
+        loss = task.full_loss()
+        if backward:
+            loss.backward()
+        return loss
+
+    return closure
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """A run in progress: its task and optimizer, and what is measured while it trains."""
+
+    spec: OptimizerSpec
+    task: Task
+    opt: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR | None
+    trajectory: list | None
+    peak_rss: int
+    curve: dict[str, list] = field(
+        default_factory=lambda: {"step": [], "wall_s": [], "train_loss": []}
+    )
+    evals: dict[str, list] = field(
+        default_factory=lambda: {"step": [], "wall_s": [], **{key: [] for key in EVAL_KEYS}}
+    )
+    step_times: list[float] = field(default_factory=list)
+    iter_times: list[float] = field(default_factory=list)
+    closure_calls: int = 0
+    status: str = "ok"
+    message: str | None = None
+    wall: float = 0.0
+    first_loss: float | None = None
+
+    @property
+    def backward_in_closure(self) -> bool:
+        # torch.optim.LBFGS wants a closure that calls backward(); ours differentiate the loss.
+        return self.spec.target.startswith("torch.")
+
+    def record_eval(self, step: int) -> None:
+        metrics = self.task.evaluate()
+        self.evals["step"].append(step)
+        self.evals["wall_s"].append(self.wall)
+        for key in EVAL_KEYS:
+            self.evals[key].append(metrics.get(key))
+
+
+def _set_up(
+    workload: Workload,
+    optimizer: str,
+    hyperparameters: dict[str, Any],
+    seed: int,
+    steps: int,
+    device: str,
+) -> _Run:
+    """A fresh task of ``workload`` and its optimizer, seeded; the lr schedule if any."""
+    spec = get_spec(optimizer)
+    torch.manual_seed(seed)  # the model, and any randomness an optimizer draws for its state
+    task = workload.make_task(seed, device)
+    opt = create_optimizer(optimizer, task.model, **hyperparameters)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    schedule = None
+    if task.lr_scale is not None:
+        scale_of = task.lr_scale
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: scale_of(i, steps))
+    trajectory = [task.point()] if task.point is not None else None
+    return _Run(spec, task, opt, schedule, trajectory, peak_rss=_rss_bytes() or 0)
+
+
+def _step(run: _Run, device: str) -> Any:
+    """One timed optimizer step (with the full-batch closure, or on a mini-batch)."""
+    if run.spec.needs_closure:
+        calls = [0]
+        closure = _closure(run.opt, run.task, run.backward_in_closure, calls)
+        ts = time.perf_counter()
+        loss = run.opt.step(closure)
+        _sync(device)
+        run.step_times.append(time.perf_counter() - ts)
+        run.closure_calls += calls[0]
+    else:
+        loss = run.task.batch_loss()
+        run.peak_rss = max(run.peak_rss, _rss_bytes() or 0)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        ts = time.perf_counter()
+        run.opt.step()
+        _sync(device)
+        run.step_times.append(time.perf_counter() - ts)
+    if run.schedule is not None:
+        run.schedule.step()
+    return loss
+
+
+def _record_step(run: _Run, step: int, loss: Any) -> float:
+    """Put the training loss of ``step`` (and the point reached, if any) on the curves."""
+    run.peak_rss = max(run.peak_rss, _rss_bytes() or 0)
+    scale = run.task.metric_scale
+    value = float(loss.detach()) * scale if isinstance(loss, torch.Tensor) else float(loss)
+    run.curve["step"].append(step)
+    run.curve["wall_s"].append(run.wall)
+    run.curve["train_loss"].append(value)
+    if run.trajectory is not None:
+        run.trajectory.append(run.task.point())
+    return value
+
+
+def _diverged(run: _Run, step: int, value: float) -> bool:
+    """Whether the loss ``value`` of ``step`` ends the run as diverged (and say why)."""
+    if run.first_loss is None:
+        run.first_loss = value
+    first = run.first_loss
+    if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * (abs(first) + 1):
+        run.status = "diverged"
+        run.message = f"step {step}: loss {value:.3g} (started at {first:.3g})"
+        return True
+    return False
+
+
+def _train(run: _Run, steps: int, eval_every: int, device: str, progress: Progress | None) -> int:
+    """The training loop: up to ``steps`` steps, evaluated every ``eval_every``; returns
+    the last step done (fewer than ``steps`` if the run diverged or failed)."""
+    step = 0
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        try:
+            loss = _step(run, device)
+        except RuntimeError as err:
+            text = str(err)
+            run.status = "diverged" if "non-finite" in text else "failed"
+            run.message = f"step {step}: {text}"
+            step -= 1
+            break
+        run.iter_times.append(time.perf_counter() - t0)
+        run.wall += run.iter_times[-1]
+        value = _record_step(run, step, loss)
+        if progress is not None:
+            progress.update()
+        if _diverged(run, step, value):
+            break
+        if step % eval_every == 0 and step != steps:
+            run.record_eval(step)
+    if progress is not None and step < steps:
+        progress.update(steps - max(step, 0))
+    return step
+
+
+def _final_metrics(run: _Run, step: int) -> dict[str, Any] | None:
+    """The last evaluation of a run that ended well (else None); the metrics the workload
+    does not report are dropped from the evaluations."""
+    final = None
+    if run.status == "ok":
+        run.record_eval(step)
+        final = {k: run.evals[k][-1] for k in EVAL_KEYS}
+        if not all(finite(v) for v in final.values() if v is not None):
+            run.status, run.message = "diverged", f"step {step}: non-finite final metrics"
+    evals = run.evals
+    has_acc = any(v is not None for v in evals["val_accuracy"])
+    if not has_acc:
+        evals["train_accuracy"] = evals["val_accuracy"] = None
+        if final is not None:
+            final["train_accuracy"] = final["val_accuracy"] = None
+    if not any(v is not None for v in evals["pretrain_val"]):  # only fine-tuning has it
+        del evals["pretrain_val"]
+        if final is not None:
+            del final["pretrain_val"]
+    return final
+
+
+def _run_record(
+    run: _Run,
+    optimizer: str,
+    hyperparameters: dict[str, Any],
+    seed: int,
+    final: dict[str, Any] | None,
+    device: str,
+) -> dict[str, Any]:
+    """The run's entry of the results document."""
+    num_params = sum(p.numel() for p in run.task.model.parameters())
+    sbytes = state_bytes(run.opt)
+    cuda = device.startswith("cuda")
+    step_times, iter_times = run.step_times, run.iter_times
+    return {
+        "optimizer": optimizer,
+        "lr": hyperparameters.get("lr"),
+        "seed": seed,
+        "status": run.status,
+        "message": run.message,
+        "hyperparameters": _json_hp(hyperparameters),
+        "steps_done": len(run.curve["step"]),
+        "curve": run.curve,
+        "evals": run.evals,
+        "final": final if run.status == "ok" else None,
+        "num_params": num_params,
+        "state_bytes": sbytes,
+        "state_bytes_per_param": sbytes / num_params,
+        "peak_rss_mb": run.peak_rss / 2**20 if run.peak_rss else None,
+        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "median_step_ms": 1000 * statistics.median(step_times) if step_times else None,
+        "median_iter_ms": 1000 * statistics.median(iter_times) if iter_times else None,
+        "closure_calls": run.closure_calls if run.spec.needs_closure else None,
+        "wall_s": run.wall,
+        "trajectory": run.trajectory,
+    }
+
+
 def run_one(
     workload: Workload,
     optimizer: str,
@@ -216,141 +342,11 @@ def run_one(
     loss turns non-finite (or MicroAdam's non-finite-gradient error) ends as ``diverged``;
     any other error in ``step`` ends it as ``failed`` with the message.
     """
-    spec = get_spec(optimizer)
-    torch.manual_seed(seed)  # the model, and any randomness an optimizer draws for its state
-    task = workload.make_task(seed, device)
-    opt = create_optimizer(optimizer, task.model, **hyperparameters)
-    # torch.optim.LBFGS wants a closure that calls backward(); ours differentiate the loss.
-    backward_in_closure = spec.target.startswith("torch.")
-    scale = task.metric_scale
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-
-    curve: dict[str, list] = {"step": [], "wall_s": [], "train_loss": []}
-    evals: dict[str, list] = {"step": [], "wall_s": [], **{key: [] for key in EVAL_KEYS}}
-    schedule = None
-    if task.lr_scale is not None:
-        scale_of = task.lr_scale
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: scale_of(i, steps))
-    trajectory = [task.point()] if task.point is not None else None
-    step_times: list[float] = []
-    iter_times: list[float] = []
-    closure_calls = 0
-    status, message = "ok", None
-    wall = 0.0
-    peak_rss = _rss_bytes() or 0
-    first_loss: float | None = None
-
-    def record_eval(step: int) -> None:
-        metrics = task.evaluate()
-        evals["step"].append(step)
-        evals["wall_s"].append(wall)
-        for key in EVAL_KEYS:
-            evals[key].append(metrics.get(key))
-
-    record_eval(0)
-    step = 0
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        try:
-            if spec.needs_closure:
-                calls = 0
-
-                def closure() -> torch.Tensor:
-                    nonlocal calls
-                    calls += 1
-                    opt.zero_grad(set_to_none=True)
-                    loss = task.full_loss()
-                    if backward_in_closure:
-                        loss.backward()
-                    return loss
-
-                ts = time.perf_counter()
-                loss = opt.step(closure)
-                _sync(device)
-                step_times.append(time.perf_counter() - ts)
-                closure_calls += calls
-            else:
-                loss = task.batch_loss()
-                peak_rss = max(peak_rss, _rss_bytes() or 0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                _sync(device)
-                ts = time.perf_counter()
-                opt.step()
-                _sync(device)
-                step_times.append(time.perf_counter() - ts)
-            if schedule is not None:
-                schedule.step()
-        except RuntimeError as err:
-            text = str(err)
-            status = "diverged" if "non-finite" in text else "failed"
-            message = f"step {step}: {text}"
-            step -= 1
-            break
-        iter_times.append(time.perf_counter() - t0)
-        wall += iter_times[-1]
-        peak_rss = max(peak_rss, _rss_bytes() or 0)
-        value = float(loss.detach()) * scale if isinstance(loss, torch.Tensor) else float(loss)
-        curve["step"].append(step)
-        curve["wall_s"].append(wall)
-        curve["train_loss"].append(value)
-        if trajectory is not None:
-            trajectory.append(task.point())
-        if progress is not None:
-            progress.update()
-        if first_loss is None:
-            first_loss = value
-        if not math.isfinite(value) or abs(value) > DIVERGENCE_FACTOR * (abs(first_loss) + 1):
-            status = "diverged"
-            message = f"step {step}: loss {value:.3g} (started at {first_loss:.3g})"
-            break
-        if step % eval_every == 0 and step != steps:
-            record_eval(step)
-    if progress is not None and step < steps:
-        progress.update(steps - max(step, 0))
-
-    final = None
-    if status == "ok":
-        record_eval(step)
-        final = {k: evals[k][-1] for k in EVAL_KEYS}
-        if not all(finite(v) for v in final.values() if v is not None):
-            status, message = "diverged", f"step {step}: non-finite final metrics"
-    has_acc = any(v is not None for v in evals["val_accuracy"])
-    if not has_acc:
-        evals["train_accuracy"] = evals["val_accuracy"] = None
-        if final is not None:
-            final["train_accuracy"] = final["val_accuracy"] = None
-    if not any(v is not None for v in evals["pretrain_val"]):  # only fine-tuning has it
-        del evals["pretrain_val"]
-        if final is not None:
-            del final["pretrain_val"]
-    num_params = sum(p.numel() for p in task.model.parameters())
-    sbytes = state_bytes(opt)
-    record = {
-        "optimizer": optimizer,
-        "lr": hyperparameters.get("lr"),
-        "seed": seed,
-        "status": status,
-        "message": message,
-        "hyperparameters": _json_hp(hyperparameters),
-        "steps_done": len(curve["step"]),
-        "curve": curve,
-        "evals": evals,
-        "final": final if status == "ok" else None,
-        "num_params": num_params,
-        "state_bytes": sbytes,
-        "state_bytes_per_param": sbytes / num_params,
-        "peak_rss_mb": peak_rss / 2**20 if peak_rss else None,
-        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "median_step_ms": 1000 * statistics.median(step_times) if step_times else None,
-        "median_iter_ms": 1000 * statistics.median(iter_times) if iter_times else None,
-        "closure_calls": closure_calls if spec.needs_closure else None,
-        "wall_s": wall,
-        "trajectory": trajectory,
-    }
-    return record
+    run = _set_up(workload, optimizer, hyperparameters, seed, steps, device)
+    run.record_eval(0)
+    step = _train(run, steps, eval_every, device, progress)
+    final = _final_metrics(run, step)
+    return _run_record(run, optimizer, hyperparameters, seed, final, device)
 
 
 def warm_up(
@@ -365,15 +361,7 @@ def warm_up(
         opt = create_optimizer(optimizer, task.model, **hyperparameters)
         for _ in range(WARM_UP_STEPS):
             if spec.needs_closure:
-
-                def closure() -> torch.Tensor:
-                    opt.zero_grad(set_to_none=True)
-                    loss = task.full_loss()
-                    if spec.target.startswith("torch."):
-                        loss.backward()
-                    return loss
-
-                opt.step(closure)
+                opt.step(_closure(opt, task, spec.target.startswith("torch.")))
             else:
                 opt.zero_grad(set_to_none=True)
                 task.batch_loss().backward()
@@ -383,53 +371,80 @@ def warm_up(
     gc.collect()
 
 
-def split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: ``"a=1,b=(2, 3)"`` -> ``["a=1", "b=(2, 3)"]``."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
+# -- the bench: every optimizer x lr x seed -------------------------------------------------
+
+# One planned run: (label, registry name, hyperparameters, seed).
+_Planned = tuple[str, str, dict[str, Any], int]
 
 
-def parse_assignments(text: str, where: str) -> dict[str, Any]:
-    """``"density=0.05,betas=(0.9, 0.99)"`` -> ``{"density": 0.05, "betas": (0.9, 0.99)}``.
-
-    Values are Python literals where they parse as one, strings otherwise.
-    """
-    out: dict[str, Any] = {}
-    for pair in split_top_level(text):
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"Invalid {where}: {pair!r} is not KEY=VALUE")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
+def _parse_optimizers(
+    workload: Workload, optimizers: list[str] | tuple[str, ...] | None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, registry name, overrides) of each optimizer, labels checked unique."""
+    # Unknown or uninstalled names fail here, before any training.
+    parsed = [parse_optimizer(n) for n in (optimizers or default_optimizers(workload.kind))]
+    labels = [label for label, _, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Invalid optimizers: {labels} (a name appears twice)")
+    return parsed
 
 
-def parse_optimizer(text: str) -> tuple[str, str, dict[str, Any]]:
-    """``"microadam[density=0.1]"`` -> ``("microadam[density=0.1]", "microadam", {...})``.
+def _plan(
+    workload: Workload,
+    parsed: list[tuple[str, str, dict[str, Any]]],
+    extra: dict[str, dict[str, Any]],
+    lr_factors: tuple[float, ...] | None,
+    lrs: tuple[float, ...] | None,
+    seeds: list[int] | tuple[int, ...],
+    num_params: int,
+) -> tuple[list[dict[str, Any]], list[_Planned]]:
+    """Each optimizer's entry of the results document (skipped, or its lr grid), and the
+    runs to do: every lr of its grid x every seed."""
+    table = workload.name if workload.name in BASE_LR else workload.kind
+    entries, plan = [], []
+    for label, base, overrides in parsed:
+        spec = get_spec(base)
+        entry: dict[str, Any] = {
+            "name": label, "registry_name": base, "status": "ok", "reason": None,
+            "needs_closure": spec.needs_closure, "lrs": [], "best_lr": None, "scores": [],
+        }  # fmt: skip
+        mine = {**extra.get(base, {}), **overrides}
+        reason = workload.skip_reason(base, spec.needs_closure, num_params, mine)
+        if reason:
+            entry.update(status="skipped", reason=reason)
+        else:
+            entry["lrs"] = grid = lr_grid(base, table, lr_factors, lrs, mine)
+            for lr in grid:
+                hp = grid_hyperparameters(base, table, lr, mine)
+                plan.extend((label, base, hp, seed) for seed in seeds)
+        entries.append(entry)
+    return entries, plan
 
-    A registry name, optionally with bracketed hyperparameters that make it a variant with
-    its own label (so that one optimizer can be compared with itself).
-    """
-    text = text.strip()
-    base, bracket, rest = text.partition("[")
-    spec = get_spec(base.strip())
-    if not bracket:
-        return spec.name, spec.name, {}
-    if not rest.endswith("]") or not rest[:-1].strip():
-        raise ValueError(f"Invalid optimizer {text!r} (expected NAME or NAME[KEY=VALUE,...])")
-    overrides = parse_assignments(rest[:-1], f"optimizer {text!r}")
-    return f"{spec.name}[{rest[:-1].strip()}]", spec.name, overrides
+
+def _run_plan(
+    workload: Workload,
+    plan: list[_Planned],
+    steps: int,
+    eval_every: int,
+    device: str,
+    show_progress: bool,
+) -> list[dict[str, Any]]:
+    """Do the planned runs in order, each optimizer warmed up before its first."""
+    runs: list[dict[str, Any]] = []
+    desc = f"bench {workload.name}"
+    warmed: set[str] = set()
+    with Progress(len(plan) * steps, desc, enabled=show_progress) as progress:
+        for label, base, hp, seed in plan:
+            if base not in warmed:
+                progress.set_status(f"{base} warm-up")
+                warm_up(workload, base, hp, device)
+                warmed.add(base)
+            progress.set_status(f"{label} lr={hp['lr']:g} seed={seed}")
+            run = run_one(workload, base, hp, seed, steps, eval_every, device, progress)
+            run["optimizer"] = label
+            runs.append(run)
+            gc.collect()
+    return runs
 
 
 def _score(runs: list[dict[str, Any]]) -> float:
@@ -439,6 +454,55 @@ def _score(runs: list[dict[str, Any]]) -> float:
         for r in runs
     ]
     return statistics.median(vals) if vals else math.inf
+
+
+def _choose_lr(entry: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Score each lr of the entry's grid and pick the best; an optimizer all of whose runs
+    failed is marked failed."""
+    mine = [r for r in runs if r["optimizer"] == entry["name"]]
+    scores = [_score([r for r in mine if r["lr"] == lr]) for lr in entry["lrs"]]
+    entry["scores"] = [s if math.isfinite(s) else None for s in scores]
+    best = min(range(len(scores)), key=lambda i: scores[i])
+    if math.isfinite(scores[best]):
+        entry["best_lr"] = entry["lrs"][best]
+    failed = [r for r in mine if r["status"] == "failed"]
+    if failed and len(failed) == len(mine):
+        entry.update(status="failed", reason=failed[0]["message"])
+
+
+def _settings(
+    workload: Workload,
+    steps: int,
+    seeds: list[int] | tuple[int, ...],
+    eval_every: int,
+    device: str,
+    lr_factors: tuple[float, ...] | None,
+    lrs: tuple[float, ...] | None,
+    extra: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``settings`` of the results document: the budget and how the lr is chosen."""
+    n = len(seeds)
+    selection = (
+        f"for each optimizer, the lr of its grid with the lowest median final validation "
+        f"{workload.metric_label} over the {n} seed{'s' if n > 1 else ''} (a diverged seed "
+        f"counts as infinite); the validation split both picks the lr and scores it"
+    )
+    return {
+        "steps": steps,
+        "seeds": list(seeds),
+        "eval_every": eval_every,
+        "device": device,
+        "lr_factors": None if lrs else list(lr_factors or (1.0,)),
+        "lrs": list(lrs) if lrs else None,
+        "selection": selection,
+        "warm_up": f"each optimizer first takes {WARM_UP_STEPS} untimed steps on a "
+        "throwaway model (one-time kernel compilation and start-up costs excluded)",
+        "hyperparameters": "library defaults except weight_decay=0 (where the optimizer "
+        "has one), SGD momentum 0.9, closure-based methods one iteration per step "
+        "(L-BFGS with strong Wolfe line search), Muon's AdamW part at "
+        f"{MUON_ADAMW_RATIO} x its lr",
+        "extra_hyperparameters": extra,
+    }
 
 
 def run_bench(
@@ -468,99 +532,22 @@ def run_bench(
         raise ValueError(f"Invalid steps: {steps} (expected an integer >= 1)")
     if not seeds:
         raise ValueError("Invalid seeds: expected at least one seed")
-    # Unknown or uninstalled names fail here, before any training.
-    parsed = [parse_optimizer(n) for n in (optimizers or default_optimizers(workload.kind))]
-    labels = [label for label, _, _ in parsed]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"Invalid optimizers: {labels} (a name appears twice)")
+    parsed = _parse_optimizers(workload, optimizers)
     extra = {get_spec(k).name: dict(v) for k, v in (extra_hyperparameters or {}).items()}
     eval_every = eval_every or max(1, steps // workload.evaluations)
     described = workload.describe()
-    num_params = described["num_params"]
-
-    table = workload.name if workload.name in BASE_LR else workload.kind
-    plan = []
-    entries = []
-    for label, base, overrides in parsed:
-        spec = get_spec(base)
-        entry: dict[str, Any] = {
-            "name": label, "registry_name": base, "status": "ok", "reason": None,
-            "needs_closure": spec.needs_closure, "lrs": [], "best_lr": None, "scores": [],
-        }  # fmt: skip
-        mine = {**extra.get(base, {}), **overrides}
-        reason = workload.skip_reason(base, spec.needs_closure, num_params, mine)
-        if reason:
-            entry.update(status="skipped", reason=reason)
-        else:
-            grid = lr_values(base, table, lr_factors, lrs)
-            if "lr" in mine:
-                grid = [float(mine["lr"])]
-            entry["lrs"] = grid
-            for lr in grid:
-                hp = base_hyperparameters(base, table)
-                if "adamw_lr" in hp:
-                    hp["adamw_lr"] = _nice(lr * _MUON_ADAMW_RATIO)
-                hp.update(mine)
-                hp["lr"] = lr
-                plan.extend((label, base, hp, seed) for seed in seeds)
-        entries.append(entry)
-
-    runs: list[dict[str, Any]] = []
-    desc = f"bench {workload.name}"
-    warmed: set[str] = set()
-    with Progress(len(plan) * steps, desc, enabled=show_progress) as progress:
-        for label, base, hp, seed in plan:
-            if base not in warmed:
-                progress.set_status(f"{base} warm-up")
-                warm_up(workload, base, hp, device)
-                warmed.add(base)
-            progress.set_status(f"{label} lr={hp['lr']:g} seed={seed}")
-            run = run_one(workload, base, hp, seed, steps, eval_every, device, progress)
-            run["optimizer"] = label
-            runs.append(run)
-            gc.collect()
-
+    entries, plan = _plan(workload, parsed, extra, lr_factors, lrs, seeds, described["num_params"])
+    runs = _run_plan(workload, plan, steps, eval_every, device, show_progress)
     for entry in entries:
-        if entry["status"] != "ok":
-            continue
-        mine = [r for r in runs if r["optimizer"] == entry["name"]]
-        scores = [_score([r for r in mine if r["lr"] == lr]) for lr in entry["lrs"]]
-        entry["scores"] = [s if math.isfinite(s) else None for s in scores]
-        best = min(range(len(scores)), key=lambda i: scores[i])
-        if math.isfinite(scores[best]):
-            entry["best_lr"] = entry["lrs"][best]
-        failed = [r for r in mine if r["status"] == "failed"]
-        if failed and len(failed) == len(mine):
-            entry.update(status="failed", reason=failed[0]["message"])
-
-    n = len(seeds)
-    selection = (
-        f"for each optimizer, the lr of its grid with the lowest median final validation "
-        f"{workload.metric_label} over the {n} seed{'s' if n > 1 else ''} (a diverged seed "
-        f"counts as infinite); the validation split both picks the lr and scores it"
-    )
+        if entry["status"] == "ok":
+            _choose_lr(entry, runs)
     return {
         "schema": SCHEMA,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device),
         "workload": described,
-        "settings": {
-            "steps": steps,
-            "seeds": list(seeds),
-            "eval_every": eval_every,
-            "device": device,
-            "lr_factors": None if lrs else list(lr_factors or (1.0,)),
-            "lrs": list(lrs) if lrs else None,
-            "selection": selection,
-            "warm_up": f"each optimizer first takes {WARM_UP_STEPS} untimed steps on a "
-            "throwaway model (one-time kernel compilation and start-up costs excluded)",
-            "hyperparameters": "library defaults except weight_decay=0 (where the optimizer "
-            "has one), SGD momentum 0.9, closure-based methods one iteration per step "
-            "(L-BFGS with strong Wolfe line search), Muon's AdamW part at "
-            f"{_MUON_ADAMW_RATIO} x its lr",
-            "extra_hyperparameters": extra,
-        },
+        "settings": _settings(workload, steps, seeds, eval_every, device, lr_factors, lrs, extra),
         "optimizers": entries,
         "runs": runs,
     }
