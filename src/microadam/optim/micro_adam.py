@@ -50,7 +50,7 @@ from microadam.optim._common import (
     params_with_grad,
     run_closure,
 )
-from microadam.optim.micro_adam_state import expected_state, memory_formula
+from microadam.optim.micro_adam_state import CPU_KEYS, expected_state, memory_formula
 
 __all__ = [
     "DEFAULT_QUANT_BLOCK_SIZE",
@@ -865,7 +865,7 @@ class MicroAdam(Optimizer):
             # Every tensor exactly as saved (a private copy, so the loaded optimizer never
             # shares buffers with the caller's dict); step and rng_seed are read on the host
             # at every step, so they stay on the CPU whatever map_location put them on.
-            device = "cpu" if key in ("step", "rng_seed") else p.device
+            device = "cpu" if key in CPU_KEYS else p.device
             return value.detach().to(device=device, copy=True)
 
         load_checked_state_dict(

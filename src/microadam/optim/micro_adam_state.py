@@ -24,6 +24,7 @@ from microadam.compress.quant import packed_numel
 from microadam.compress.topk import topk_layout
 
 __all__ = [
+    "CPU_KEYS",
     "STATE_LAYOUT",
     "StateEntry",
     "StateSizes",
@@ -128,6 +129,9 @@ STATE_LAYOUT: tuple[StateEntry, ...] = (
         "the seed of the counter-based rounding noise",
     ),
 )  # fmt: skip
+
+# The state kept on the CPU whatever the parameter's device.
+CPU_KEYS = tuple(e.key for e in STATE_LAYOUT if e.on_cpu)
 
 
 def expected_state(
