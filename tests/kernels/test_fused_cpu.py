@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -587,18 +588,31 @@ PORTABLE_CASES = [
 ]
 
 
-def test_portable_build_matches_pure(fused_kernel):
-    """The kernel built without -march=native (no AVX-512 loops: what CPUs without them
-    run), in a fresh process since a process holds one build of the operator library."""
+def _runs_x86_64_v3() -> bool:
+    """Whether this CPU runs an -march=x86-64-v3 build (AVX2, FMA, F16C, BMI, ...)."""
+    if not kernel._is_x86_64():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm"))
+
+
+@pytest.mark.parametrize("arch", ["portable", "avx2"])
+def test_portable_build_matches_pure(arch, fused_kernel):
+    """The kernel built by MICROADAM_CPU_ARCH=portable (SSE2 on x86-64) and =avx2 (x86-64-v3:
+    no AVX-512 loops, what AVX2 CPUs run), in a fresh process since a process holds one
+    build of the operator library."""
+    if arch == "avx2" and not _runs_x86_64_v3():
+        pytest.skip("this CPU does not run x86-64-v3 code")
     code = textwrap.dedent(
         f"""
         import sys
         from _pytest.monkeypatch import MonkeyPatch
         from microadam.kernels import micro_adam_cpu as kernel
-        portable = kernel._flag_sets()[-1]
-        assert not any(f.startswith("-march") for f in portable)
-        kernel._flag_sets = lambda: [portable]
         assert kernel.unavailable_reason() is None, kernel.unavailable_reason()
+        assert kernel.build_target != "native", kernel.build_target
         sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
         import test_fused_cpu as t
         for name in {PORTABLE_CASES!r}:
@@ -610,6 +624,56 @@ def test_portable_build_matches_pure(fused_kernel):
         print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, kernel.ARCH_ENV: arch}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize(
+    ("value", "march"),
+    [
+        (None, ["-march=native", None]),
+        ("native", ["-march=native", None]),
+        (" AVX2 ", ["-march=x86-64-v3"]),
+        ("portable", ["-march=x86-64"]),
+    ],
+)
+def test_arch_variable_chooses_the_flags(value, march, monkeypatch):
+    if value is None:
+        monkeypatch.delenv(kernel.ARCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(kernel.ARCH_ENV, value)
+    if not kernel._is_x86_64() and "native" not in march[0]:
+        pytest.skip("x86-64 flags")
+    sets = kernel._flag_sets()
+    assert [next((f for f in s if f.startswith("-march")), None) for s in sets] == march
+    assert len({tuple(s) for s in sets}) == len(sets)  # flags are part of the cache key
+
+
+def test_invalid_arch_variable_is_a_failed_build(restore_kernel_state):
+    monkeypatch = restore_kernel_state
+    monkeypatch.setattr(kernel, "_ops", None)
+    monkeypatch.setattr(kernel, "_failure", None)
+    monkeypatch.setenv(kernel.ARCH_ENV, "avx9")
+    assert kernel.unavailable_reason() == (
+        "ValueError: Invalid MICROADAM_CPU_ARCH: 'avx9' (expected native, avx2 or portable)"
+    )
+
+
+def test_build_says_it_is_compiling_once(tmp_path, monkeypatch, capsys):
+    """The first fused step of a machine compiles for about 10 s: it says so, once; a
+    cached build loads silently. (A stand-in compiler writes an empty library.)"""
+    compiler = tmp_path / "fake-c++"
+    compiler.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\ntouch "$2"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel, "build_seconds", kernel.build_seconds)
+    monkeypatch.setattr(kernel, "build_target", kernel.build_target)
+    first = kernel.build()
+    err = capsys.readouterr().err
+    assert err.startswith("microadam: compiling the fused CPU step (-march="), err
+    assert f"cached in {tmp_path / 'cache'}" in err
+    assert kernel.build() == first
+    assert capsys.readouterr().err == ""

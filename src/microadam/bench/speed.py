@@ -12,6 +12,7 @@ hold state at any time, which keeps the 100M case within a few GB.
 
     microadam speed                                   # 1M, 25M, 100M and the model
     microadam speed --sizes 25M,model --repeats 20 --out speed.csv
+    MICROADAM_CPU_ARCH=avx2 microadam speed --optimizers microadam   # the AVX2 build
 """
 
 from __future__ import annotations
@@ -191,10 +192,15 @@ def run_speed(
             base_times += b
             note = ""
             if label == "microadam":
-                from microadam.kernels.micro_adam_cpu import unavailable_reason
+                from microadam.kernels import micro_adam_cpu
 
-                reason = unavailable_reason()
-                note = "fused kernel" if reason is None else f"pure path ({reason})"
+                reason = micro_adam_cpu.unavailable_reason()
+                # build_target says which build ran: -march=native, x86-64-v3 (AVX2), ...
+                note = (
+                    f"fused kernel (-march={micro_adam_cpu.build_target})"
+                    if reason is None
+                    else f"pure path ({reason})"
+                )
             rows.append(
                 SpeedResult(
                     **common,
@@ -307,6 +313,7 @@ def _speed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     meta["fused_kernel"] = micro_adam_cpu.unavailable_reason() or "loaded"
     meta["fused_kernel_build_s"] = micro_adam_cpu.build_seconds
+    meta["fused_kernel_target"] = micro_adam_cpu.build_target  # see MICROADAM_CPU_ARCH
     meta["wall_s"] = time.perf_counter() - start
     print()
     print(markdown_table(results))

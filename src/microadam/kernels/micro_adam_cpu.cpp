@@ -24,12 +24,18 @@
 // sqrt is IEEE (the PyTorch path takes it through float64 for the same result); bf16 and
 // fp16 conversions are c10's round-to-nearest-even, as torch's .to() does.
 //
-// Portable C++ does everything; where the compiler targets AVX-512 (-march=native on such
-// a CPU) and the block and bucket sizes are multiples of 16, the hot loops use it
-// directly: loading a unit (gradient, error decoded by a 16-entry table at 4 bits, Top-K
-// candidates, in one pass), picking the kept entries, writing the window row and encoding
-// a bucket (codes computed and packed in registers). These choices were measured A/B in
-// one process (two builds of this file, interleaved steps) at 1M parameters.
+// A unit goes through four phases, one function each (run_unit calls them in order):
+// load_phase (a = g + Q^-1(e)), select_phase (Top-K per block, window row), encode_phase
+// (the error's range and codes per bucket) and update_phase (moments, parameter update).
+// Portable C++ does everything, in loops written for the compiler's auto-vectorizer (AVX2,
+// NEON, SSE2: docs/cpu-kernel.md lists which loops vectorize on each). Where the compiler
+// targets AVX-512 (-march=native on such a CPU; MICROADAM_CPU_ARCH picks the build), the
+// hot loops use it directly, next to the portable loops they replace: loading a unit
+// (gradient, error decoded by a 16-entry table at 4 bits, Top-K candidates, in one pass;
+// block and bucket sizes multiples of 16), picking the kept entries, writing the window
+// row, the bucket ranges and encoding a bucket (codes computed and packed in registers).
+// These choices were measured A/B in one process (two builds of this file, interleaved
+// steps) at 1M parameters. Every build computes the same bits.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -160,6 +166,28 @@ inline T from_float(float x) {
   return static_cast<T>(x);  // c10::BFloat16 and c10::Half round to nearest even
 }
 
+// The largest finite value of the window's value dtype V, as a float.
+template <typename V>
+constexpr float value_max() {
+  if constexpr (std::is_same_v<V, c10::Half>) return 65504.0f;
+  if constexpr (std::is_same_v<V, c10::BFloat16>) return 3.38953139e38f;  // 0x7f7f0000
+  return std::numeric_limits<float>::max();
+}
+
+// A window value: x saturated at V's largest finite value, then rounded to V, as
+// compress/window.py's saturating_cast does (a float16 window cannot hold the 1e5 that
+// error feedback accumulates from gradients of 1e4). A NaN stays NaN, as torch's clamp
+// keeps it: std::max and std::min return their first argument when a comparison is false.
+template <typename V>
+inline V window_value(float x) {
+  if constexpr (std::is_same_v<V, float>) {
+    return x;
+  } else {
+    constexpr float top = value_max<V>();
+    return from_float<V>(std::min(std::max(x, -top), top));
+  }
+}
+
 inline uint32_t bits_of(float x) {
   uint32_t b;
   std::memcpy(&b, &x, sizeof b);
@@ -199,241 +227,100 @@ inline float noise_at(uint64_t i, uint32_t key) {
   return static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
 }
 
-// One code: clamp(floor((x - lo) / u + offset), 0, levels), for u > 0.
+// One code: clamp(floor((x - lo) / u + offset), 0, levels), for u > 0, computed as the
+// truncation of clamp((x - lo) / u + offset, 0, levels): for a value clamped to [0, L]
+// truncation is floor, and clamping to whole bounds commutes with floor. Truncation is an
+// SSE2 and NEON instruction where floor is not (SSE2 has no rounding instruction), and the
+// selects are exactly max/min instructions (a NaN, impossible here, would give code 0).
 inline uint8_t code_of(float x, float lo, float u, float offset, float levels) {
   float y = (x - lo) / u;
-  y = std::floor(y + offset);
-  y = y < 0.0f ? 0.0f : y;
-  y = y > levels ? levels : y;
+  y = y + offset;
+  y = y > 0.0f ? y : 0.0f;
+  y = y < levels ? y : levels;
   return static_cast<uint8_t>(static_cast<int32_t>(y));
 }
 
-// ---------------------------------------------------------------------------------------
-// Top-K selection on |a| bits ("keys").
+// =======================================================================================
+// The four phases of one unit, in the order run_unit calls them:
+//   load    a = g + Q^-1(e), the corrected gradient, into s.a           Alg. 1 line 4
+//   select  Top-K per block into the window row; a = 0 at the kept      lines 5-7
+//   encode  the error (what Top-K dropped) quantized per bucket, packed  line 8
+//   update  the moments from the window and the parameter update       lines 9-12
+// Each phase is one function, with its portable loops and, beside them (#if
+// MICROADAM_AVX512), the AVX-512 loops that replace them where the build targets AVX-512
+// (and cfg.fast holds, for the loops that need whole runs of 16). The portable loops are
+// written for the compiler's auto-vectorizer (AVX2, NEON; docs/cpu-kernel.md lists what
+// vectorizes): contiguous loops over plain arrays through __restrict pointers, selects in
+// place of branches, fixed-width lane temporaries for reductions, and the irregular work
+// (compaction, gathers and scatters at data-dependent indices) in loops of its own.
 
-// Number of keys >= t (the compiler vectorizes this loop).
-inline int64_t count_at_least(const uint32_t* __restrict keys, int64_t n, uint32_t t) {
-  int32_t c = 0;
-  for (int64_t i = 0; i < n; ++i) c += keys[i] >= t ? 1 : 0;
-  return c;
-}
-
-// A threshold t with count(keys >= t) >= k, built bit by bit from the top (keys < 2^31):
-// the k-th largest key, unless the search stops early because exactly k keys are >= t
-// (the kept set is then decided). Sets *count to count(keys >= t). Needs 1 <= k <= n.
-uint32_t kth_threshold(const uint32_t* keys, int64_t n, int64_t k, int64_t* count) {
-  uint32_t lo = keys[0], hi = keys[0];
-  for (int64_t i = 1; i < n; ++i) {  // vectorized by the compiler
-    lo = std::min(lo, keys[i]);
-    hi = std::max(hi, keys[i]);
-  }
-  *count = n;
-  if (lo == hi || n == k) return lo;
-  // Every key shares the bits above the highest one where lo and hi differ: t starts as
-  // that prefix (count n) and the search goes on below it.
-  const int top = 31 - __builtin_clz(lo ^ hi);
-  uint32_t t = hi & ~((2u << top) - 1u);
-  int64_t c = n;
-  for (int bit = top; bit >= 0 && c != k; --bit) {
-    const uint32_t trial = t | (1u << bit);
-    const int64_t ct = count_at_least(keys, n, trial);
-    if (ct >= k) {
-      t = trial;
-      c = ct;
-    }
-  }
-  *count = c;
-  return t;
-}
-
-// The k largest of nc candidates (indices ascending, with their keys) into out, ascending:
-// every candidate above the threshold and the first ones equal to it, which is a valid
-// Top-K (ties may go either way) and needs no sort. Returns the threshold.
-uint32_t take_top(const int32_t* idx, const uint32_t* keys, int64_t nc, int64_t k,
-                  int32_t offset, int32_t* out) {
-  int64_t count;
-  const uint32_t t = kth_threshold(keys, nc, k, &count);
-  if (count == k) {
-    int64_t o = 0, c = 0;
-#if MICROADAM_AVX512
-    const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(t));
-    const __m512i off = _mm512_set1_epi32(offset);
-    for (; c + 16 <= nc; c += 16) {  // keys < 2^31: signed compares are fine
-      const __mmask16 m = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + c), thr);
-      const __m512i at = _mm512_sub_epi32(_mm512_loadu_si512(idx + c), off);
-      _mm512_storeu_si512(out + o, _mm512_maskz_compress_epi32(m, at));  // out has slack
-      o += __builtin_popcount(static_cast<unsigned>(m));
-    }
-#endif
-    for (; c < nc; ++c) {
-      out[o] = idx[c] - offset;
-      o += keys[c] >= t ? 1 : 0;
-    }
-    return t;
-  }
-  int64_t equal_left = k - count_at_least(keys, nc, t + 1), o = 0;
-  for (int64_t c = 0; c < nc; ++c) {
-    if (keys[c] > t || (keys[c] == t && equal_left-- > 0)) out[o++] = idx[c] - offset;
-  }
-  return t;
-}
-
-// Indices i < n with key(i) >= t (ascending) and their keys; idx and keys have n + 16 slots.
-int64_t collect_at_least(const float* x, int64_t n, uint32_t t, int32_t* idx, uint32_t* keys) {
-  int64_t c = 0, i = 0;
-#if MICROADAM_AVX512
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(t));
-  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (; i + 16 <= n; i += 16) {
-    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask);
-    const __mmask16 m = _mm512_cmpge_epi32_mask(v, thr);  // keys < 2^31: signed is fine
-    // Compress in registers and store whole vectors (the slack absorbs the excess): a
-    // compressing store to memory is microcoded on some CPUs.
-    _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
-    _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(m, v));
-    c += __builtin_popcount(static_cast<unsigned>(m));
-    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
-  }
-#endif
-  for (; i < n; ++i) {
-    const uint32_t key = key_of(x, i);
-    idx[c] = static_cast<int32_t>(i);
-    keys[c] = key;
-    c += key >= t ? 1 : 0;
-  }
-  return c;
-}
-
-// Whether nc candidates can be selected from directly: at least k, and few enough that
-// thresholding them beats another scan of the block's n elements.
-inline bool usable(int64_t nc, int64_t k, int64_t n) {
-  return nc >= k && nc <= std::max<int64_t>(n / 4, 16 * k);
-}
-
-// Steers the factor between the last threshold found and the next guess so that 2k to
-// 10k candidates come out at the guess (nc is how many did). Too few cost a second scan
-// of the block, too many only longer scans of the candidates, and the k-th largest |a|
-// varies by several percent from block to block (near a flat top after many steps of
-// error feedback on a steady gradient, 2k candidates can lie within 1% of the
-// threshold), so the guess errs low.
-inline void steer_guess(Scratch& s, int64_t nc, int64_t k) {
-  if (nc > 10 * k) {
-    s.guess_factor += 0.3f * (1.0f - s.guess_factor);
-  } else if (nc < 2 * k) {
-    s.guess_factor = std::max(0.25f, 1.0f - 1.5f * (1.0f - s.guess_factor));
-  }
-}
-
-// The next block's guess after threshold t was found for a block of owner's.
-inline void update_guess(Scratch& s, const void* owner, uint32_t t) {
-  s.guess_owner = owner;
-  s.guess = bits_of(float_of(t) * s.guess_factor);
-}
-
-// The threshold to try after the candidates at or above t were too few: a little lower
-// (too many make a fresh estimate from samples the better next step: kNoGuess).
-inline uint32_t retry_threshold(uint32_t t, int64_t nc, int64_t k) {
-  return nc < k ? bits_of(float_of(t) * 0.9f) : kNoGuess;
-}
-
-// Block Top-K without usable precomputed candidates: the indices of the k largest |x|
-// among x[0..n), ascending. Candidates are the elements at or above a threshold: first
-// `first` (the caller's retry after precomputed candidates failed, or this thread's guess
-// for the tensor, then is_guess; kNoGuess for none), else the r-th largest of 256 strided
-// samples (about 2k + 2n/256 candidates expected), else (k a large part of the block, or
-// too few came out) the whole block. Gradient statistics change slowly along a tensor and from step to
-// step, so the threshold found guides the next block's guess.
-void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* owner,
-                 uint32_t first, bool is_guess, int32_t* out) {
-  if (k >= n) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
-    return;
-  }
-  int32_t* idx = s.bcand.data();
-  uint32_t* keys = s.bkeys.data();
-  int64_t nc = -1;
-  if (k * 16 <= n && n >= 1024) {
-    if (first != kNoGuess) {
-      nc = collect_at_least(x, n, first, idx, keys);
-      if (is_guess) steer_guess(s, nc, k);
-      if (!usable(nc, k, n)) nc = -1;
-    }
-    if (nc < 0) {
-      constexpr int64_t kSample = 256;
-      const int64_t stride = n / kSample;
-      const int64_t r = std::min<int64_t>(kSample, (2 * k * kSample + n - 1) / n + 2);
-      uint32_t* sample = s.sample.data();
-      for (int64_t j = 0; j < kSample; ++j) sample[j] = key_of(x, j * stride);
-      int64_t unused;
-      nc = collect_at_least(x, n, kth_threshold(sample, kSample, r, &unused), idx, keys);
-      if (nc < k) nc = -1;
-    }
-  }
-  if (nc < 0) {
-    nc = n;
-    for (int64_t i = 0; i < n; ++i) {
-      idx[i] = static_cast<int32_t>(i);
-      keys[i] = key_of(x, i);
-    }
-  }
-  update_guess(s, owner, take_top(idx, keys, nc, k, 0, out));
-}
+// Where one unit lies in its tensor.
+struct Span {
+  int64_t start;        // its first element
+  int64_t n;            // its length (the tensor's last unit may be shorter)
+  int64_t first_block;  // its first Top-K block
+  float levels;         // 2^bits - 1
+};
 
 // ---------------------------------------------------------------------------------------
-// Quantization, portable loops (the compiler vectorizes them).
+// Phase 1, load (Alg. 1 line 4): a = g (negated under maximize) + Q^-1(e).
 
-// Smallest and largest of x[0..n), n >= 1. The corrected gradient holds no NaN (the step
-// checks the gradients first) and no -0 (g + decoded error is never -0, and Top-K zeroes
-// with +0), so min/max instructions give exactly torch's amin/amax.
-inline void min_max(const float* __restrict x, int64_t n, float& lo, float& hi) {
-  int64_t i = 0;
-  float mn = x[0], mx = x[0];
-#if MICROADAM_AVX512
-  if (n >= 16) {
-    __m512 vmn = _mm512_loadu_ps(x), vmx = vmn;
-    for (i = 16; i + 16 <= n; i += 16) {
-      const __m512 v = _mm512_loadu_ps(x + i);
-      vmn = _mm512_min_ps(vmn, v);
-      vmx = _mm512_max_ps(vmx, v);
-    }
-    mn = _mm512_reduce_min_ps(vmn);
-    mx = _mm512_reduce_max_ps(vmx);
-  }
-#endif
-  for (; i < n; ++i) {
-    mn = x[i] < mn ? x[i] : mn;
-    mx = x[i] > mx ? x[i] : mx;
-  }
-  lo = mn;
-  hi = mx;
+// a[i] = g[i] with its sign bit flipped by sign (0, or 0x80000000 under maximize): the
+// negation, as an xor the compiler vectorizes along with the conversion.
+template <typename P>
+inline void load_gradient(float* __restrict a, const P* __restrict g, int64_t n, uint32_t sign) {
+  for (int64_t i = 0; i < n; ++i) a[i] = float_of(bits_of(to_float(g[i])) ^ sign);
 }
 
-// a[i] += float(code[i]) * u + lo over one bucket.
-inline void add_decoded(float* __restrict a, const uint8_t* __restrict code, int64_t n, float lo,
+// Over one bucket: a[i] = (g[i], sign flipped by sign) + (float(code[i]) * u + lo), the
+// error decoded as compress/quant.py decodes it (two roundings) and added.
+template <typename P>
+inline void load_bucket(float* __restrict a, const P* __restrict g,
+                        const uint8_t* __restrict code, int64_t n, uint32_t sign, float lo,
                         float u) {
   for (int64_t i = 0; i < n; ++i) {
     float deq = static_cast<float>(code[i]) * u;
     deq = deq + lo;
-    a[i] = a[i] + deq;
+    a[i] = float_of(bits_of(to_float(g[i])) ^ sign) + deq;
   }
 }
 
-inline void encode_nearest(const float* __restrict a, uint8_t* __restrict code, int64_t n,
-                           float lo, float u, float levels) {
-  for (int64_t i = 0; i < n; ++i) code[i] = code_of(a[i], lo, u, 0.5f, levels);
-}
-
-// Element i of the bucket is element first + i of the tensor (the noise's counter).
-inline void encode_stochastic(const float* __restrict a, uint8_t* __restrict code, int64_t n,
-                              float lo, float u, float levels, uint64_t first, uint32_t key) {
-  for (int64_t i = 0; i < n; ++i) {
-    code[i] = code_of(a[i], lo, u, noise_at(first + i, key), levels);
+// The 4-bit codes of `pairs` bytes, one a byte (the even element is the high nibble).
+inline void unpack4(const uint8_t* __restrict packed, uint8_t* __restrict code, int64_t pairs) {
+  for (int64_t j = 0; j < pairs; ++j) {
+    code[2 * j] = packed[j] >> 4;
+    code[2 * j + 1] = packed[j] & 0x0f;
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// AVX-512 loops.
+// Portable load: the codes unpacked to bytes first (at 4 bits; at 8 they are bytes
+// already), then one pass per bucket. The unit's parameters are prefetched: the update
+// touches them much later, at scattered coordinates.
+template <typename P>
+inline void load_portable(const Config& cfg, const Job& job, const Span& span, const P* g,
+                          const P* p, Scratch& s) {
+  for (int64_t off = 0; off < span.n * static_cast<int64_t>(sizeof(P)); off += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 2);
+  }
+  float* a = s.a.data();
+  const uint32_t sign = cfg.maximize ? 0x80000000u : 0u;
+  if (!cfg.ef) {
+    load_gradient(a, g, span.n, sign);
+    return;
+  }
+  const uint8_t* code = job.codes + span.start;
+  if (cfg.bits == 4) {
+    unpack4(job.codes + span.start / 2, s.code.data(), (span.n + 1) / 2);
+    code = s.code.data();
+  }
+  for (int64_t b0 = 0; b0 < span.n; b0 += cfg.bucket) {
+    const int64_t len = std::min(cfg.bucket, span.n - b0);
+    const int64_t bucket = (span.start + b0) / cfg.bucket;
+    const float lo = to_float(job.emin[bucket]);
+    const float u = (to_float(job.emax[bucket]) - lo) / span.levels;
+    load_bucket(a + b0, g + b0, code + b0, len, sign, lo, u);
+  }
+}
 
 #if MICROADAM_AVX512
 template <typename P>
@@ -452,23 +339,15 @@ inline __m512 load16<c10::Half>(const c10::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
-inline __m512i mix32_16(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
-
-// Alg. 1 line 4 for the unit in one pass: a = g (negated under maximize) + (float(code) *
-// u + lo), codes unpacked in registers, and, when a candidate threshold is given, the
-// indices and keys of each block's Top-K candidates (|a| >= threshold) recorded on the way
-// (unit-relative indices in s.cand, keys in s.keys; block b's start at s.cand_at[b]). The settings that do not change
-// within a unit are template arguments, and the inner loop runs between block and bucket
-// boundaries, so its body has no branch.
+// AVX-512 load, the unit in one pass: a = g (negated under maximize) + (float(code) * u +
+// lo), codes unpacked in registers, and, when a candidate threshold is given, the indices
+// and keys of each block's Top-K candidates (|a| >= threshold) recorded on the way
+// (unit-relative indices in s.cand, keys in s.keys; block b's start at s.cand_at[b]). The
+// settings that do not change within a unit are template arguments, and the inner loop
+// runs between block and bucket boundaries, so its body has no branch.
 template <typename P, bool kEf, bool kFourBits, bool kCollect>
-void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, const Job& job,
-               float levels, uint32_t threshold, Scratch& s) {
+void load_unit(const P* g, const P* p, int64_t start, int64_t n, const Config& cfg,
+               const Job& job, float levels, uint32_t threshold, Scratch& s) {
   float* a = s.a.data();
   int32_t* idx = s.cand.data();
   uint32_t* keys = s.keys.data();
@@ -562,6 +441,416 @@ void load_unit(const P* g, P* p, int64_t start, int64_t n, const Config& cfg, co
   }
   s.cand_at[b] = c;
 }
+#endif  // MICROADAM_AVX512
+
+// The load phase: the corrected gradient of the unit into s.a. Returns whether the Top-K
+// candidates of every block at threshold guess were recorded on the way (the AVX-512
+// load does that when it has a guess; the portable one never: its loop would no longer
+// vectorize, and select_topk collects them from a instead).
+template <typename P>
+inline bool load_phase(const Config& cfg, const Job& job, const Span& span, const P* g,
+                       const P* p, [[maybe_unused]] uint32_t guess, Scratch& s) {
+#if MICROADAM_AVX512
+  if (cfg.fast) {
+    const auto load = [&](auto ef, auto four, auto collect) {
+      load_unit<P, decltype(ef)::value, decltype(four)::value, decltype(collect)::value>(
+          g, p, span.start, span.n, cfg, job, span.levels, guess, s);
+    };
+    using Y = std::true_type;
+    using N = std::false_type;
+    const bool collect = guess != kNoGuess;
+    if (cfg.ef && cfg.bits == 4) {
+      collect ? load(Y{}, Y{}, Y{}) : load(Y{}, Y{}, N{});
+    } else if (cfg.ef) {
+      collect ? load(Y{}, N{}, Y{}) : load(Y{}, N{}, N{});
+    } else {
+      collect ? load(N{}, N{}, Y{}) : load(N{}, N{}, N{});
+    }
+    return collect;
+  }
+#endif
+  load_portable(cfg, job, span, g, p, s);
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 2, select (Alg. 1 lines 5-7): Top-K per block on |a| bits ("keys"), the window
+// row, and a = 0 at the kept entries.
+
+// Number of keys >= t (vectorized).
+inline int64_t count_at_least(const uint32_t* __restrict keys, int64_t n, uint32_t t) {
+  int32_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] >= t ? 1 : 0;
+  return c;
+}
+
+// A threshold t with count(keys >= t) >= k, built bit by bit from the top (keys < 2^31):
+// the k-th largest key, unless the search stops early because exactly k keys are >= t
+// (the kept set is then decided). Sets *count to count(keys >= t). Needs 1 <= k <= n.
+// The min/max pass and every count are vectorized loops; the bit search around them is
+// at most 31 steps.
+uint32_t kth_threshold(const uint32_t* __restrict keys, int64_t n, int64_t k, int64_t* count) {
+  uint32_t lo = keys[0], hi = keys[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, keys[i]);
+    hi = std::max(hi, keys[i]);
+  }
+  *count = n;
+  if (lo == hi || n == k) return lo;
+  // Every key shares the bits above the highest one where lo and hi differ: t starts as
+  // that prefix (count n) and the search goes on below it.
+  const int top = 31 - __builtin_clz(lo ^ hi);
+  uint32_t t = hi & ~((2u << top) - 1u);
+  int64_t c = n;
+  for (int bit = top; bit >= 0 && c != k; --bit) {
+    const uint32_t trial = t | (1u << bit);
+    const int64_t ct = count_at_least(keys, n, trial);
+    if (ct >= k) {
+      t = trial;
+      c = ct;
+    }
+  }
+  *count = c;
+  return t;
+}
+
+// The candidates at or above t into out (ascending, minus offset), given that exactly k
+// are: a compaction, which AVX-512 does 16 at a time and portable code one at a time
+// without a branch (the output position advances by the comparison).
+inline void compress_at_least(const int32_t* __restrict idx, const uint32_t* __restrict keys,
+                              int64_t nc, uint32_t t, int32_t offset, int32_t* __restrict out) {
+  int64_t o = 0, c = 0;
+#if MICROADAM_AVX512
+  const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(t));
+  const __m512i off = _mm512_set1_epi32(offset);
+  for (; c + 16 <= nc; c += 16) {  // keys < 2^31: signed compares are fine
+    const __mmask16 m = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + c), thr);
+    const __m512i at = _mm512_sub_epi32(_mm512_loadu_si512(idx + c), off);
+    _mm512_storeu_si512(out + o, _mm512_maskz_compress_epi32(m, at));  // out has slack
+    o += __builtin_popcount(static_cast<unsigned>(m));
+  }
+#endif
+  for (; c < nc; ++c) {
+    out[o] = idx[c] - offset;
+    o += keys[c] >= t ? 1 : 0;
+  }
+}
+
+// The k largest of nc candidates (indices ascending, with their keys) into out, ascending:
+// every candidate above the threshold and the first ones equal to it, which is a valid
+// Top-K (ties may go either way) and needs no sort. Returns the threshold.
+uint32_t take_top(const int32_t* idx, const uint32_t* keys, int64_t nc, int64_t k,
+                  int32_t offset, int32_t* out) {
+  int64_t count;
+  const uint32_t t = kth_threshold(keys, nc, k, &count);
+  if (count == k) {
+    compress_at_least(idx, keys, nc, t, offset, out);
+    return t;
+  }
+  // Ties at t (rare): the first equal_left of them are kept.
+  int64_t equal_left = k - count_at_least(keys, nc, t + 1), o = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t tie = keys[c] == t && equal_left > 0 ? 1 : 0;
+    out[o] = idx[c] - offset;
+    o += (keys[c] > t ? 1 : 0) | tie;
+    equal_left -= tie;
+  }
+  return t;
+}
+
+// Indices i < n with key(i) >= t (ascending) and their keys; idx and keys have n + 16
+// slots. A compaction: AVX-512 compresses 16 at a time; portable code stores every index
+// and key and advances the output position by the comparison (no branch).
+int64_t collect_at_least(const float* __restrict x, int64_t n, uint32_t t,
+                         int32_t* __restrict idx, uint32_t* __restrict keys) {
+  int64_t c = 0, i = 0;
+#if MICROADAM_AVX512
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(t));
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16) {
+    const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask);
+    const __mmask16 m = _mm512_cmpge_epi32_mask(v, thr);  // keys < 2^31: signed is fine
+    // Compress in registers and store whole vectors (the slack absorbs the excess): a
+    // compressing store to memory is microcoded on some CPUs.
+    _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, lane));
+    _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(m, v));
+    c += __builtin_popcount(static_cast<unsigned>(m));
+    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t key = key_of(x, i);
+    idx[c] = static_cast<int32_t>(i);
+    keys[c] = key;
+    c += key >= t ? 1 : 0;
+  }
+  return c;
+}
+
+// Every element a candidate: indices 0..n-1 and all keys (vectorized).
+inline void all_keys(const float* __restrict x, int64_t n, int32_t* __restrict idx,
+                     uint32_t* __restrict keys) {
+  for (int64_t i = 0; i < n; ++i) {
+    idx[i] = static_cast<int32_t>(i);
+    keys[i] = bits_of(x[i]) & 0x7fffffffu;
+  }
+}
+
+// Whether nc candidates can be selected from directly: at least k, and few enough that
+// thresholding them beats another scan of the block's n elements.
+inline bool usable(int64_t nc, int64_t k, int64_t n) {
+  return nc >= k && nc <= std::max<int64_t>(n / 4, 16 * k);
+}
+
+// Steers the factor between the last threshold found and the next guess so that 2k to
+// 10k candidates come out at the guess (nc is how many did). Too few cost a second scan
+// of the block, too many only longer scans of the candidates, and the k-th largest |a|
+// varies by several percent from block to block (near a flat top after many steps of
+// error feedback on a steady gradient, 2k candidates can lie within 1% of the
+// threshold), so the guess errs low.
+inline void steer_guess(Scratch& s, int64_t nc, int64_t k) {
+  if (nc > 10 * k) {
+    s.guess_factor += 0.3f * (1.0f - s.guess_factor);
+  } else if (nc < 2 * k) {
+    s.guess_factor = std::max(0.25f, 1.0f - 1.5f * (1.0f - s.guess_factor));
+  }
+}
+
+// The next block's guess after threshold t was found for a block of owner's.
+inline void update_guess(Scratch& s, const void* owner, uint32_t t) {
+  s.guess_owner = owner;
+  s.guess = bits_of(float_of(t) * s.guess_factor);
+}
+
+// The threshold to try after the candidates at or above t were too few: a little lower
+// (too many make a fresh estimate from samples the better next step: kNoGuess).
+inline uint32_t retry_threshold(uint32_t t, int64_t nc, int64_t k) {
+  return nc < k ? bits_of(float_of(t) * 0.9f) : kNoGuess;
+}
+
+// Block Top-K without usable precomputed candidates: the indices of the k largest |x|
+// among x[0..n), ascending. Candidates are the elements at or above a threshold: first
+// `first` (the caller's retry after precomputed candidates failed, or this thread's guess
+// for the tensor, then is_guess; kNoGuess for none), else the r-th largest of 256 strided
+// samples (about 2k + 2n/256 candidates expected), else (k a large part of the block, or
+// too few came out) the whole block. Gradient statistics change slowly along a tensor
+// and from step to step, so the threshold found guides the next block's guess.
+void select_topk(const float* x, int64_t n, int64_t k, Scratch& s, const void* owner,
+                 uint32_t first, bool is_guess, int32_t* out) {
+  if (k >= n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
+    return;
+  }
+  int32_t* idx = s.bcand.data();
+  uint32_t* keys = s.bkeys.data();
+  int64_t nc = -1;
+  if (k * 16 <= n && n >= 1024) {
+    if (first != kNoGuess) {
+      nc = collect_at_least(x, n, first, idx, keys);
+      if (is_guess) steer_guess(s, nc, k);
+      if (!usable(nc, k, n)) nc = -1;
+    }
+    if (nc < 0) {
+      constexpr int64_t kSample = 256;
+      const int64_t stride = n / kSample;
+      const int64_t r = std::min<int64_t>(kSample, (2 * k * kSample + n - 1) / n + 2);
+      uint32_t* sample = s.sample.data();
+      for (int64_t j = 0; j < kSample; ++j) sample[j] = key_of(x, j * stride);
+      int64_t unused;
+      nc = collect_at_least(x, n, kth_threshold(sample, kSample, r, &unused), idx, keys);
+      if (nc < k) nc = -1;
+    }
+  }
+  if (nc < 0) {
+    nc = n;
+    all_keys(x, n, idx, keys);
+  }
+  update_guess(s, owner, take_top(idx, keys, nc, k, 0, out));
+}
+
+// Window row entries of one block: the kept indices, and a at them as value dtype V. The
+// indices narrow in a vectorized loop; the values are a gather (AVX-512: 16 at a time,
+// with bf16's round to nearest even done in integer lanes).
+template <typename V>
+void store_row(const int32_t* __restrict sel, int64_t k, const float* __restrict a,
+               int16_t* __restrict widx, V* __restrict wval) {
+  int64_t c = 0;
+#if MICROADAM_AVX512
+  if constexpr (std::is_same_v<V, float> || std::is_same_v<V, c10::BFloat16>) {
+    for (; c + 16 <= k; c += 16) {
+      const __m512i at = _mm512_loadu_si512(sel + c);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(widx + c), _mm512_cvtepi32_epi16(at));
+      if constexpr (std::is_same_v<V, float>) {
+        _mm512_storeu_si512(wval + c, _mm512_i32gather_epi32(at, a, 4));
+      } else {  // saturate (window_value), then round to nearest even as c10::BFloat16 does
+        // MINPS and MAXPS return their second operand when either is NaN: x goes second.
+        const __m512 v = _mm512_i32gather_ps(at, a, 4);
+        const __m512 low = _mm512_max_ps(_mm512_set1_ps(-value_max<V>()), v);
+        const __m512i x = _mm512_castps_si512(_mm512_min_ps(_mm512_set1_ps(value_max<V>()), low));
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+        const __m512i up = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wval + c),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
+      }
+    }
+  }
+#endif
+  for (int64_t j = c; j < k; ++j) widx[j] = static_cast<int16_t>(sel[j]);
+  for (int64_t j = c; j < k; ++j) wval[j] = window_value<V>(a[sel[j]]);
+}
+
+// The select phase: per block of the unit, the kept indices (from the candidates the load
+// recorded, if it did and they are usable, else by select_topk), written with their
+// values to the block's columns of window row (t - 1) mod m; then, with error feedback,
+// a = 0 at them, so the error keeps what Top-K dropped.
+template <typename V>
+inline void select_phase(const Config& cfg, const Job& job, const Span& span, uint32_t guess,
+                         bool have_candidates, Scratch& s) {
+  float* a = s.a.data();
+  int16_t* widx_row = job.widx + job.row * job.width;
+  V* wval_row = static_cast<V*>(job.wval) + job.row * job.width;
+  int32_t* sel = s.sel.data();
+  for (int64_t bs = 0, b = 0; bs < span.n; bs += cfg.block, ++b) {
+    const int64_t blk = span.first_block + b;
+    const int64_t bn = std::min(cfg.block, span.n - bs);
+    const int64_t k = blk < job.num_full ? job.k_block : job.k_tail;
+    const int64_t col0 = blk * job.k_block;
+    const int64_t c0 = have_candidates ? s.cand_at[b] : 0;
+    const int64_t nc = have_candidates ? s.cand_at[b + 1] - c0 : 0;
+    if (have_candidates && k < bn) steer_guess(s, nc, k);
+    if (have_candidates && k < bn && usable(nc, k, bn)) {
+      // load_unit recorded the candidates' indices and keys.
+      const uint32_t* keys = s.keys.data() + c0;
+      const int32_t* idx = s.cand.data() + c0;
+      update_guess(s, job.p, take_top(idx, keys, nc, k, static_cast<int32_t>(bs), sel));
+    } else if (have_candidates) {  // they failed, which says how to move the threshold
+      select_topk(a + bs, bn, k, s, job.p, retry_threshold(guess, nc, k), false, sel);
+    } else {
+      const bool known = s.guess_owner == job.p;
+      select_topk(a + bs, bn, k, s, job.p, known ? s.guess : kNoGuess, known, sel);
+    }
+    store_row(sel, k, a + bs, widx_row + col0, wval_row + col0);
+    if (cfg.ef) {
+      float* ab = a + bs;
+      for (int64_t c = 0; c < k; ++c) ab[sel[c]] = 0.0f;  // a scatter
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 3, encode (Alg. 1 line 8): per bucket, lo = bf16(min a), hi = bf16(max a), the
+// b-bit codes of a, packed two a byte at 4 bits.
+
+// A float's bits as an int32 that orders like the float (negative floats' magnitude bits
+// flipped), and back: integer min/max reductions vectorize without -ffast-math, float ones
+// do not (the compiler may not reorder them: NaN and -0).
+inline int32_t ordered_of(float x) {
+  const int32_t b = static_cast<int32_t>(bits_of(x));
+  return b ^ ((b >> 31) & 0x7fffffff);
+}
+inline float float_of_ordered(int32_t k) {
+  return float_of(static_cast<uint32_t>(k ^ ((k >> 31) & 0x7fffffff)));
+}
+
+// Smallest and largest of x[0..n), n >= 1. The corrected gradient holds no NaN (the step
+// checks the gradients first) and no -0 (g + decoded error is never -0, and Top-K zeroes
+// with +0), so min/max instructions, or min/max of ordered_of, give exactly torch's
+// amin/amax, in any order.
+inline void min_max(const float* __restrict x, int64_t n, float& lo, float& hi) {
+#if MICROADAM_AVX512
+  int64_t i = 0;
+  float mn = x[0], mx = x[0];
+  if (n >= 16) {
+    __m512 vmn = _mm512_loadu_ps(x), vmx = vmn;
+    for (i = 16; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      vmn = _mm512_min_ps(vmn, v);
+      vmx = _mm512_max_ps(vmx, v);
+    }
+    mn = _mm512_reduce_min_ps(vmn);
+    mx = _mm512_reduce_max_ps(vmx);
+  }
+  for (; i < n; ++i) {
+    mn = x[i] < mn ? x[i] : mn;
+    mx = x[i] > mx ? x[i] : mx;
+  }
+  lo = mn;
+  hi = mx;
+#else
+  int32_t mn = ordered_of(x[0]), mx = mn;
+  for (int64_t i = 1; i < n; ++i) {
+    const int32_t key = ordered_of(x[i]);
+    mn = std::min(mn, key);
+    mx = std::max(mx, key);
+  }
+  lo = float_of_ordered(mn);
+  hi = float_of_ordered(mx);
+#endif
+}
+
+// The codes of one bucket at one offset (1/2: round to nearest), vectorized.
+inline void codes_at(const float* __restrict a, uint8_t* __restrict code, int64_t n, float lo,
+                     float u, float offset, float levels) {
+  for (int64_t i = 0; i < n; ++i) code[i] = code_of(a[i], lo, u, offset, levels);
+}
+
+// The codes of one bucket with a per-element offset (stochastic rounding), vectorized.
+inline void codes_with(const float* __restrict a, const float* __restrict offset,
+                       uint8_t* __restrict code, int64_t n, float lo, float u, float levels) {
+  for (int64_t i = 0; i < n; ++i) code[i] = code_of(a[i], lo, u, offset[i], levels);
+}
+
+// out[i] = noise_at(first + i, key), i < n. Vectorized in 32-bit lanes while the
+// counter's low word does not wrap within the run (always, but for a run that crosses a
+// multiple of 2^32 elements, which takes the scalar loop).
+inline void noise_into(float* __restrict out, int64_t n, uint64_t first, uint32_t key) {
+  const uint32_t low = static_cast<uint32_t>(first);
+  if (n <= 0) return;
+  if (low > 0xffffffffu - static_cast<uint32_t>(n - 1)) {
+    for (int64_t i = 0; i < n; ++i) out[i] = noise_at(first + i, key);
+    return;
+  }
+  const uint32_t high = static_cast<uint32_t>(first >> 32);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t h = mix32((low + static_cast<uint32_t>(i)) ^ key);
+    h = mix32(h ^ high);
+    out[i] = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+  }
+}
+
+// Pairs of codes into bytes, (even << 4) | odd (vectorized).
+inline void pack4(const uint8_t* __restrict code, uint8_t* __restrict packed, int64_t pairs) {
+  for (int64_t j = 0; j < pairs; ++j) {
+    packed[j] = static_cast<uint8_t>((code[2 * j] << 4) | code[2 * j + 1]);
+  }
+}
+
+// Portable codes of one bucket of the unit into code (one a byte); the noise of stochastic
+// rounding is made in runs of kNoiseRun into a stack buffer, then used.
+inline void encode_portable(const float* a, int64_t n, float lo, float u, float levels,
+                            bool stochastic, uint64_t first, uint32_t key, uint8_t* code) {
+  if (!stochastic) {
+    codes_at(a, code, n, lo, u, 0.5f, levels);
+    return;
+  }
+  constexpr int64_t kNoiseRun = 256;
+  float noise[kNoiseRun];
+  for (int64_t c0 = 0; c0 < n; c0 += kNoiseRun) {
+    const int64_t len = std::min(kNoiseRun, n - c0);
+    noise_into(noise, len, first + static_cast<uint64_t>(c0), key);
+    codes_with(a + c0, noise, code + c0, len, lo, u, levels);
+  }
+}
+
+#if MICROADAM_AVX512
+inline __m512i mix32_16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
 
 // The offsets of elements e .. e + 15 of the tensor: 1/2 (round to nearest) or their
 // uniform noise (stochastic rounding).
@@ -580,15 +869,15 @@ inline __m512 offsets16(bool stochastic, uint64_t e, uint32_t key) {
                        _mm512_set1_ps(1.0f / 16777216.0f));
 }
 
-// The codes of 16 elements as int32 lanes. floor, then clamp to [0, L], equals clamping
-// first and then truncating (as in compress/quant.py): no rounding instruction needed.
+// The codes of 16 elements as int32 lanes, as code_of computes them (clamp, then
+// truncate).
 inline __m512i codes16(const float* a, __m512 lo, __m512 u, __m512 offset, __m512 levels) {
   const __m512 y = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(a), lo), u);
   return _mm512_cvttps_epi32(
       _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, offset), _mm512_setzero_ps()), levels));
 }
 
-// Alg. 1 line 8 for one bucket starting on a multiple of 16 elements: the codes of
+// AVX-512 codes of one bucket starting on a multiple of 16 elements: the codes of
 // a[0..n), computed and packed in registers, into out (the bucket's first byte).
 void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float levels_s,
                    bool stochastic, uint64_t first, uint32_t key, int64_t bits, uint8_t* out) {
@@ -643,19 +932,86 @@ void encode_bucket(const float* a, int64_t n, float lo_s, float u_s, float level
 }
 #endif  // MICROADAM_AVX512
 
+// The encode phase (error feedback only): per bucket, its range stored as bf16 and its
+// codes computed from the rounded range; a bucket whose range rounds to nothing (u == 0)
+// gets code 0 everywhere. AVX-512 writes each bucket's packed codes directly; portable
+// code writes one code a byte (into s.code at 4 bits, packed at the end; straight into
+// ef_codes at 8).
+inline void encode_phase(const Config& cfg, const Job& job, const Span& span, Scratch& s) {
+  const float* a = s.a.data();
+  const bool four = cfg.bits == 4;
+  uint8_t* code = four ? s.code.data() : job.codes + span.start;
+  for (int64_t b0 = 0; b0 < span.n; b0 += cfg.bucket) {
+    const int64_t len = std::min(cfg.bucket, span.n - b0);
+    const int64_t bucket = (span.start + b0) / cfg.bucket;
+    float lo_f, hi_f;
+    min_max(a + b0, len, lo_f, hi_f);
+    const c10::BFloat16 lo_b(lo_f), hi_b(hi_f);
+    job.emin[bucket] = lo_b;
+    job.emax[bucket] = hi_b;
+    const float lo = to_float(lo_b);
+    const float u = (to_float(hi_b) - lo) / span.levels;
+    const uint64_t first = static_cast<uint64_t>(span.start + b0);  // the noise's counter
+#if MICROADAM_AVX512
+    if (cfg.fast) {
+      uint8_t* out = job.codes + (four ? (span.start + b0) / 2 : span.start + b0);
+      if (!(u > 0.0f)) {
+        std::memset(out, 0, four ? (len + 1) / 2 : len);
+      } else {
+        encode_bucket(a + b0, len, lo, u, span.levels, cfg.stochastic, first, job.key,
+                      cfg.bits, out);
+      }
+      continue;
+    }
+#endif
+    if (!(u > 0.0f)) {
+      std::memset(code + b0, 0, len);
+    } else {
+      encode_portable(a + b0, len, lo, u, span.levels, cfg.stochastic, first, job.key,
+                      code + b0);
+    }
+  }
+  if (four && !cfg.fast) {
+    code[span.n] = 0;  // an odd tensor length leaves the last low nibble zero
+    pack4(code, job.codes + span.start / 2, (span.n + 1) / 2);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
+// Phase 4, update (Alg. 1 lines 9-12): the moments at the window's coordinates of each
+// block, then the update. Portable code only: the work is scattered over a block's
+// coordinates, except the direction's loop, which the compiler vectorizes at whatever
+// width the build targets (AVX-512 included).
+
+// The unit's columns of the window, asked for right after the load (one short segment
+// per row), so that they arrive while select and encode run.
+inline void prefetch_window(const Config& cfg, const Job& job, const Span& span) {
+  const int64_t c0 = span.first_block * job.k_block;
+  const int64_t c1 =
+      std::min(job.width, (span.first_block + (span.n + cfg.block - 1) / cfg.block) *
+                                  job.k_block + job.k_tail);
+  const int64_t vsize = job.vdt == kF32 ? 4 : 2;
+  for (int64_t r = 0; r < job.rows; ++r) {
+    const char* ir = reinterpret_cast<const char*>(job.widx + r * job.width + c0);
+    const char* vr = static_cast<const char*>(job.wval) + (r * job.width + c0) * vsize;
+    for (int64_t off = 0; off < (c1 - c0) * 2; off += 64) __builtin_prefetch(ir + off, 0, 2);
+    for (int64_t off = 0; off < (c1 - c0) * vsize; off += 64) __builtin_prefetch(vr + off, 0, 2);
+  }
+}
+
 // Alg. 1 lines 10-12 on one block, after the moments of its c distinct window coordinates
 // were accumulated into the pairs m[2 (j + 1)], m[2 (j + 1) + 1] of slot j + 1, the slot of
 // coordinate at[j] (pairs and slots are zeroed here for the next block): u for those
-// coordinates, then p = fma(u, -lr, p * (1 - lr wd)). A coordinate in no window row gets
-// u = 0, so without weight decay only the window's parameters are touched.
+// coordinates (a vectorized loop), then p = fma(u, -lr, p * (1 - lr wd)) at them (a
+// scatter). A coordinate in no window row gets u = 0, so without weight decay only the
+// window's parameters are touched.
 template <typename P, bool kDecay>
 void update_block(P* p, float* __restrict m, int32_t* __restrict slot,
                   const int32_t* __restrict at, int64_t c, int64_t n, float c1, float c2,
                   float eps, float neg_lr, float wd_mult, Scratch& s) {
   float* __restrict u = s.u.data();
   const float* __restrict pairs = m + 2;  // slot j + 1 holds coordinate at[j]
-  for (int64_t j = 0; j < c; ++j) {  // vectorized by the compiler
+  for (int64_t j = 0; j < c; ++j) {
     const float m_hat = pairs[2 * j] * c1;
     const float v_hat = pairs[2 * j + 1] * c2;
     const float denom = std::sqrt(v_hat) + eps;
@@ -671,7 +1027,7 @@ void update_block(P* p, float* __restrict m, int32_t* __restrict slot,
     return;
   }
   // The window coordinates need the decayed value before it is rounded to P: compute
-  // them first, then decay the whole block, then write them.
+  // them first, then decay the whole block (vectorized), then write them.
   for (int64_t j = 0; j < c; ++j) {
     slot[at[j]] = 0;
     u[j] = std::fma(u[j], neg_lr, to_float(p[at[j]]) * wd_mult);
@@ -680,193 +1036,24 @@ void update_block(P* p, float* __restrict m, int32_t* __restrict slot,
   for (int64_t j = 0; j < c; ++j) p[at[j]] = from_float<P>(u[j]);
 }
 
-// Window row entries of one block: the kept indices and a at them, as value dtype V.
-template <typename V>
-void store_row(const int32_t* sel, int64_t k, const float* a, int16_t* widx, V* wval) {
-  int64_t c = 0;
-#if MICROADAM_AVX512
-  if constexpr (std::is_same_v<V, float> || std::is_same_v<V, c10::BFloat16>) {
-    for (; c + 16 <= k; c += 16) {
-      const __m512i at = _mm512_loadu_si512(sel + c);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(widx + c), _mm512_cvtepi32_epi16(at));
-      const __m512i x = _mm512_i32gather_epi32(at, a, 4);
-      if constexpr (std::is_same_v<V, float>) {
-        _mm512_storeu_si512(wval + c, x);
-      } else {  // round to nearest even, as c10::BFloat16 does for finite values
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-        const __m512i up = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), odd);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(wval + c),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
-      }
-    }
-  }
-#endif
-  for (; c < k; ++c) {
-    widx[c] = static_cast<int16_t>(sel[c]);
-    wval[c] = from_float<V>(a[sel[c]]);
-  }
-}
-
-// One unit: Alg. 1 lines 4-12 for its blocks and buckets.
+// The update phase, per block of the unit: its moments, then its update. The moments: for
+// each window row r (storage order, as index_add_ adds them) and each of its k entries
+// (coordinate i, value v), M_i += v * decay1[r] and S_i += (v * v) * decay2[r], into the
+// pair of i's slot, which i gets on its first visit (slots 1, 2, ... in order; at[slot - 1]
+// = i), so that the update's pass over the pairs is contiguous. This loop is irregular
+// (each entry reads and writes the slot of its coordinate) and stays scalar; its speed is
+// that of the window's memory, which prefetch_window asked for. (Kept in this function:
+// as a function of its own, or with the index check hoisted into a vectorized pass, it
+// measured 10-40% slower in this phase, from register spills in the inner loop.)
 template <typename P, typename V>
-void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
-              std::atomic<int>& bad_index) {
-  const int64_t start = unit * cfg.unit;
-  const int64_t n = std::min(cfg.unit, job.numel - start);
-  float* a = s.a.data();
-  const P* g = static_cast<const P*>(job.g) + start;
-  P* p = static_cast<P*>(job.p) + start;
-  const float levels = static_cast<float>((1 << cfg.bits) - 1);
-  const int64_t first_block = start / cfg.block;
-
-  // Alg. 1 line 4: a = g + Q^-1(e) (with maximize, g negated first).
-  // Candidates are collected on the way at this thread's guess for the tensor, if any.
-  const uint32_t guess = s.guess_owner == job.p ? s.guess : kNoGuess;
-  bool have_candidates = false;
-#if MICROADAM_AVX512
-  if (cfg.fast) {
-    const auto load = [&](auto ef, auto four, auto collect) {
-      load_unit<P, decltype(ef)::value, decltype(four)::value, decltype(collect)::value>(
-          g, p, start, n, cfg, job, levels, guess, s);
-    };
-    using Y = std::true_type;
-    using N = std::false_type;
-    have_candidates = guess != kNoGuess;
-    if (cfg.ef && cfg.bits == 4) {
-      have_candidates ? load(Y{}, Y{}, Y{}) : load(Y{}, Y{}, N{});
-    } else if (cfg.ef) {
-      have_candidates ? load(Y{}, N{}, Y{}) : load(Y{}, N{}, N{});
-    } else {
-      have_candidates ? load(N{}, N{}, Y{}) : load(N{}, N{}, N{});
-    }
-  }
-#endif
-  if (!cfg.fast) {
-    if (cfg.maximize) {
-      for (int64_t i = 0; i < n; ++i) a[i] = -to_float(g[i]);
-    } else {
-      for (int64_t i = 0; i < n; ++i) a[i] = to_float(g[i]);
-    }
-    if (cfg.ef) {
-      uint8_t* code = s.code.data();
-      if (cfg.bits == 4) {
-        const uint8_t* packed = job.codes + start / 2;
-        for (int64_t j = 0; j < (n + 1) / 2; ++j) {
-          code[2 * j] = packed[j] >> 4;
-          code[2 * j + 1] = packed[j] & 0x0f;
-        }
-      } else {
-        std::memcpy(code, job.codes + start, n);
-      }
-      for (int64_t b0 = 0; b0 < n; b0 += cfg.bucket) {
-        const int64_t b1 = std::min(n, b0 + cfg.bucket);
-        const int64_t bucket = (start + b0) / cfg.bucket;
-        const float lo = to_float(job.emin[bucket]);
-        const float u = (to_float(job.emax[bucket]) - lo) / levels;
-        add_decoded(a + b0, code + b0, b1 - b0, lo, u);
-      }
-    }
-  }
-
-  // The window's columns of this unit, read at the end: one short segment per row.
-  {
-    const int64_t c0 = first_block * job.k_block;
-    const int64_t c1 = std::min(job.width, (first_block + (n + cfg.block - 1) / cfg.block) *
-                                               job.k_block + job.k_tail);
-    const int64_t vsize = job.vdt == kF32 ? 4 : 2;
-    for (int64_t r = 0; r < job.rows; ++r) {
-      const char* ir = reinterpret_cast<const char*>(job.widx + r * job.width + c0);
-      const char* vr = static_cast<const char*>(job.wval) + (r * job.width + c0) * vsize;
-      for (int64_t off = 0; off < (c1 - c0) * 2; off += 64) __builtin_prefetch(ir + off, 0, 2);
-      for (int64_t off = 0; off < (c1 - c0) * vsize; off += 64) __builtin_prefetch(vr + off, 0, 2);
-    }
-  }
-
-  // Alg. 1 lines 5-7: Top-K per block into window row (t - 1) mod m; the error keeps
-  // what Top-K dropped.
-  int16_t* widx_row = job.widx + job.row * job.width;
-  V* wval_row = static_cast<V*>(job.wval) + job.row * job.width;
-  int32_t* sel = s.sel.data();
-  for (int64_t bs = 0, b = 0; bs < n; bs += cfg.block, ++b) {
-    const int64_t blk = first_block + b;
-    const int64_t bn = std::min(cfg.block, n - bs);
-    const int64_t k = blk < job.num_full ? job.k_block : job.k_tail;
-    const int64_t col0 = blk * job.k_block;
-    const int64_t c0 = have_candidates ? s.cand_at[b] : 0;
-    const int64_t nc = have_candidates ? s.cand_at[b + 1] - c0 : 0;
-    if (have_candidates && k < bn) steer_guess(s, nc, k);
-    if (have_candidates && k < bn && usable(nc, k, bn)) {
-      // load_unit recorded the candidates' indices and keys.
-      const uint32_t* keys = s.keys.data() + c0;
-      const int32_t* idx = s.cand.data() + c0;
-      update_guess(s, job.p, take_top(idx, keys, nc, k, static_cast<int32_t>(bs), sel));
-    } else if (have_candidates) {  // they failed, which says how to move the threshold
-      select_topk(a + bs, bn, k, s, job.p, retry_threshold(guess, nc, k), false, sel);
-    } else {
-      const bool known = s.guess_owner == job.p;
-      select_topk(a + bs, bn, k, s, job.p, known ? s.guess : kNoGuess, known, sel);
-    }
-    store_row(sel, k, a + bs, widx_row + col0, wval_row + col0);
-    if (cfg.ef) {
-      for (int64_t c = 0; c < k; ++c) a[bs + sel[c]] = 0.0f;
-    }
-  }
-
-  // Alg. 1 line 8: quantize the error bucket by bucket (bf16 range, b-bit codes).
-  if (cfg.ef) {
-    uint8_t* code = s.code.data();
-    for (int64_t b0 = 0; b0 < n; b0 += cfg.bucket) {
-      const int64_t b1 = std::min(n, b0 + cfg.bucket);
-      const int64_t bucket = (start + b0) / cfg.bucket;
-      float lo_f, hi_f;
-      min_max(a + b0, b1 - b0, lo_f, hi_f);
-      const c10::BFloat16 lo_b(lo_f), hi_b(hi_f);
-      job.emin[bucket] = lo_b;
-      job.emax[bucket] = hi_b;
-      const float lo = to_float(lo_b);
-      const float u = (to_float(hi_b) - lo) / levels;
-#if MICROADAM_AVX512
-      if (cfg.fast) {
-        uint8_t* out = job.codes + (cfg.bits == 4 ? (start + b0) / 2 : start + b0);
-        if (!(u > 0.0f)) {
-          std::memset(out, 0, cfg.bits == 4 ? (b1 - b0 + 1) / 2 : b1 - b0);
-        } else {
-          encode_bucket(a + b0, b1 - b0, lo, u, levels, cfg.stochastic,
-                        static_cast<uint64_t>(start + b0), job.key, cfg.bits, out);
-        }
-        continue;
-      }
-#endif
-      if (!(u > 0.0f)) {
-        std::memset(code + b0, 0, b1 - b0);
-      } else if (cfg.stochastic) {
-        encode_stochastic(a + b0, code + b0, b1 - b0, lo, u, levels,
-                          static_cast<uint64_t>(start + b0), job.key);
-      } else {
-        encode_nearest(a + b0, code + b0, b1 - b0, lo, u, levels);
-      }
-    }
-    if (!cfg.fast) {
-      if (cfg.bits == 4) {
-        uint8_t* packed = job.codes + start / 2;
-        code[n] = 0;  // an odd tensor length leaves the last low nibble zero
-        for (int64_t j = 0; j < (n + 1) / 2; ++j) {
-          packed[j] = static_cast<uint8_t>((code[2 * j] << 4) | code[2 * j + 1]);
-        }
-      } else {
-        std::memcpy(job.codes + start, code, n);
-      }
-    }
-  }
-
-  // Alg. 1 lines 9-12: the moments, accumulated at the window's coordinates of each block
-  // (rows in storage order, as index_add_ does), then the update.
+inline void update_phase(const Config& cfg, const Job& job, const Span& span, P* p, Scratch& s,
+                         std::atomic<int>& bad_index) {
   float* m = s.m.data();
   int32_t* slot = s.slot.data();
   int32_t* at = s.listed.data();
-  for (int64_t bs = 0; bs < n; bs += cfg.block) {
-    const int64_t blk = first_block + bs / cfg.block;
-    const int64_t bn = std::min(cfg.block, n - bs);
+  for (int64_t bs = 0; bs < span.n; bs += cfg.block) {
+    const int64_t blk = span.first_block + bs / cfg.block;
+    const int64_t bn = std::min(cfg.block, span.n - bs);
     const int64_t k = blk < job.num_full ? job.k_block : job.k_tail;
     const int64_t col0 = blk * job.k_block;
     int64_t listed = 0;
@@ -884,8 +1071,6 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
         const float f = v * d1;
         const float sq = v * v;
         const float f2 = sq * d2;
-        // The coordinate's slot in the moment pairs: the next free one on its first visit
-        // (compact pairs make the update a contiguous, vectorized pass).
         const int32_t old = slot[i];
         const int32_t sl = old != 0 ? old : static_cast<int32_t>(listed + 1);
         slot[i] = sl;
@@ -903,6 +1088,28 @@ void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
                              cfg.neg_lr, 1.0f, s);
     }
   }
+}
+
+// =======================================================================================
+// One unit: the four phases on its blocks and buckets.
+template <typename P, typename V>
+void run_unit(const Config& cfg, const Job& job, int64_t unit, Scratch& s,
+              std::atomic<int>& bad_index) {
+  Span span;
+  span.start = unit * cfg.unit;
+  span.n = std::min(cfg.unit, job.numel - span.start);
+  span.first_block = span.start / cfg.block;
+  span.levels = static_cast<float>((1 << cfg.bits) - 1);
+  const P* g = static_cast<const P*>(job.g) + span.start;
+  P* p = static_cast<P*>(job.p) + span.start;
+  // This thread's Top-K threshold guess for the tensor, if it has one.
+  const uint32_t guess = s.guess_owner == job.p ? s.guess : kNoGuess;
+
+  const bool have_candidates = load_phase<P>(cfg, job, span, g, p, guess, s);
+  prefetch_window(cfg, job, span);
+  select_phase<V>(cfg, job, span, guess, have_candidates, s);
+  if (cfg.ef) encode_phase(cfg, job, span, s);
+  update_phase<P, V>(cfg, job, span, p, s, bad_index);
 }
 
 using UnitFn = void (*)(const Config&, const Job&, int64_t, Scratch&, std::atomic<int>&);

@@ -7,19 +7,31 @@ can resume the other's checkpoints. See the C++ file for how it rounds.
 
 Building. On the first fused step of a process the C++ source (shipped with the package) is
 compiled with the system's C++ compiler (``$CXX``, else ``c++``) against the installed
-torch, with OpenMP and ``-march=native``, into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``), under a name that hashes
-the source, the flags, the torch and Python versions and the CPU, so later processes only
-load it. The library is written to a temporary file and renamed into place, so concurrent
-processes never see half a file and never wait on a lock. Only ``torch/library.h`` and
-``ATen/Parallel.h`` are included, which keeps the build to about 10 s (a
-``torch/extension.h`` build takes about three times as long) and needs no ninja.
+torch, with OpenMP, for the target that ``MICROADAM_CPU_ARCH`` names (read once, at that
+first step):
+
+- ``native`` (the default): ``-march=native``, which takes the kernel's AVX-512 loops on
+  a CPU that has AVX-512 and auto-vectorized portable loops elsewhere; if that does not
+  compile, the compiler's default target.
+- ``avx2``: ``-march=x86-64-v3`` (AVX2, FMA and F16C, no AVX-512), x86-64 only: what an
+  AVX2 machine runs, to test or measure that build on an AVX-512 one.
+- ``portable``: ``-march=x86-64`` (SSE2) on x86-64, the compiler's default target
+  elsewhere (armv8-a, with NEON, on ARM).
+
+Every build gives the same results, bit for bit (docs/cpu-kernel.md). The library goes
+into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``)
+under a name that hashes the source, the flags (so the target), the torch and Python
+versions and, for ``native``, the CPU, so later processes only load it. The library is
+written to a temporary file and renamed into place, so concurrent processes never see half
+a file and never wait on a lock. Only ``torch/library.h`` and ``ATen/Parallel.h`` are
+included, which keeps the build to about 10 s (a ``torch/extension.h`` build takes about
+three times as long) and needs no ninja.
 
 If it cannot be built or loaded (no compiler, no OpenMP, an unsupported platform, a failed
 compile), :func:`unavailable_reason` says why; ``MicroAdam(fused=None)`` then warns once
 and uses the pure-PyTorch step for the rest of the process, ``fused=True`` raises.
 ``MICROADAM_DISABLE_FUSED=1`` in the environment (read once, at the first fused step)
-skips the kernel altogether.
+skips the kernel altogether; an unknown ``MICROADAM_CPU_ARCH`` counts as a failed build.
 """
 
 from __future__ import annotations
@@ -43,10 +55,13 @@ import torch
 from microadam.compress.topk import kept_per_block
 
 __all__ = [
+    "ARCH_ENV",
+    "CPU_ARCHES",
     "DISABLE_ENV",
     "MAX_UNIT",
     "SUPPORTED_DTYPES",
     "build",
+    "cpu_arch",
     "micro_adam_multi_step_",
     "micro_adam_step_",
     "unavailable_reason",
@@ -56,6 +71,8 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("micro_adam_cpu.cpp")
 DISABLE_ENV = "MICROADAM_DISABLE_FUSED"
+ARCH_ENV = "MICROADAM_CPU_ARCH"
+CPU_ARCHES = ("native", "avx2", "portable")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A work unit holds whole Top-K blocks and whole buckets: lcm(B, Q) elements (even at
 # 4 bits, so that packed codes start on a byte). Small blocks are grouped to about
@@ -71,6 +88,7 @@ _failure: str | None = None
 _failure_is_error = False  # False when the user disabled the kernel (nothing to warn about)
 _warned = False
 build_seconds: float | None = None  # wall time of this process's compile, if it compiled
+build_target: str | None = None  # the -march of the build this process loads, or "default"
 
 
 @functools.lru_cache(maxsize=64)  # called at every step
@@ -100,8 +118,28 @@ def _cpu_identity() -> str:
     return platform.machine() + platform.processor()
 
 
+def cpu_arch() -> str:
+    """The build target ``MICROADAM_CPU_ARCH`` asks for (one of :data:`CPU_ARCHES`).
+
+    Raises ``ValueError`` for another value, and for ``avx2`` on a machine that is not x86-64.
+    """
+    arch = os.environ.get(ARCH_ENV, "").strip().lower() or "native"
+    if arch not in CPU_ARCHES:
+        raise ValueError(
+            f"Invalid {ARCH_ENV}: {os.environ[ARCH_ENV]!r} (expected native, avx2 or portable)"
+        )
+    if arch == "avx2" and not _is_x86_64():
+        raise ValueError(f"{ARCH_ENV}=avx2 needs an x86-64 machine, not {platform.machine()}")
+    return arch
+
+
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _flag_sets() -> list[list[str]]:
-    """Compiler flags to try in order: tuned for this CPU first, then portable."""
+    """Compiler flags to try in order, for the target of :func:`cpu_arch`: for ``native``,
+    tuned for this CPU first, then the compiler's default target."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib = library_paths()[0]
@@ -122,15 +160,25 @@ def _flag_sets() -> list[list[str]]:
         "-ltorch_cpu",
         f"-Wl,-rpath,{lib}",
     ]
+    arch = cpu_arch()
+    if arch == "avx2":
+        return [[*common, "-march=x86-64-v3"]]
+    if arch == "portable":
+        return [[*common, "-march=x86-64"]] if _is_x86_64() else [common]
     return [[*common, "-march=native"], common]
+
+
+def _target_of(flags: list[str]) -> str:
+    return next((f.removeprefix("-march=") for f in flags if f.startswith("-march=")), "default")
 
 
 def build(verbose: bool = False) -> Path:
     """Compile the kernel (or find it in the cache) and return the library's path.
 
-    Raises ``RuntimeError`` with the compiler's complaint when no flag set compiles.
+    Raises ``RuntimeError`` with the compiler's complaint when no flag set compiles, and
+    ``ValueError`` for a bad ``MICROADAM_CPU_ARCH`` (:func:`cpu_arch`).
     """
-    global build_seconds
+    global build_seconds, build_target
     cxx = os.environ.get("CXX", "c++")
     source = SOURCE.read_bytes()
     out_dir = _build_root() / "microadam_cpu"
@@ -148,10 +196,18 @@ def build(verbose: bool = False) -> Path:
         digest = hashlib.sha256("\0".join(ident).encode()).hexdigest()[:16]
         target = out_dir / f"microadam_cpu_{digest}.so"
         if target.exists():
+            build_target = _target_of(flags)
             return target
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         cmd = [cxx, str(SOURCE), "-o", str(tmp), *flags]
+        if not errors:  # once, before the first attempt: the step would seem to hang
+            print(
+                f"microadam: compiling the fused CPU step (-march={_target_of(flags)}, about "
+                f"10 s, once: cached in {out_dir})",
+                file=sys.stderr,
+                flush=True,
+            )
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -161,6 +217,7 @@ def build(verbose: bool = False) -> Path:
         if proc.returncode == 0:
             os.replace(tmp, target)  # atomic: others see no file or the whole file
             build_seconds = time.perf_counter() - start
+            build_target = _target_of(flags)
             if verbose:
                 print(f"built {target} in {build_seconds:.1f} s")
             return target
@@ -270,7 +327,6 @@ def micro_adam_multi_step_(
     rounding: str,
     maximize: bool,
     check_grads: Sequence[torch.Tensor] = (),
-    **_unused: Any,
 ) -> int | None:
     """One MicroAdam step of several parameters of one param group, in one kernel call.
 
@@ -323,9 +379,19 @@ def micro_adam_multi_step_(
     return None
 
 
-def micro_adam_step_(param: torch.Tensor, grad: torch.Tensor, state: dict, **group: Any) -> None:
-    """The fused counterpart of :func:`microadam.optim.micro_adam.micro_adam_step_`."""
-    reason = unsupported_reason(param, grad, group) or unavailable_reason()
+def micro_adam_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    value_dtype: torch.dtype,
+    **hyper: Any,
+) -> None:
+    """The fused counterpart of :func:`microadam.optim.micro_adam.micro_adam_step_`: the
+    same keyword arguments (checked by :func:`micro_adam_multi_step_`'s signature), and
+    ``value_dtype``, which decides whether the kernel covers the call."""
+    reason = unsupported_reason(param, grad, {**hyper, "value_dtype": value_dtype})
+    reason = reason or unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the fused CPU step does not cover this call: {reason}")
-    micro_adam_multi_step_([param], [grad], [state], **group)
+    micro_adam_multi_step_([param], [grad], [state], **hyper)
