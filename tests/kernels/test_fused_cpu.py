@@ -31,6 +31,7 @@ import torch
 import microadam.optim.micro_adam as micro_adam_module
 from microadam import MicroAdam
 from microadam.kernels import micro_adam_cpu as kernel
+from microadam.optim.micro_adam_state import STATE_LAYOUT
 from reference.micro_adam_reference import topk_cut_ties
 
 STEPS = 20
@@ -677,3 +678,33 @@ def test_build_says_it_is_compiling_once(tmp_path, monkeypatch, capsys):
     assert f"cached in {tmp_path / 'cache'}" in err
     assert kernel.build() == first
     assert capsys.readouterr().err == ""
+
+
+# A dtype that every state entry's own dtype is not (the kernel must refuse it).
+_WRONG_DTYPE = {
+    torch.float32: torch.float64,
+    torch.bfloat16: torch.float64,
+    torch.int16: torch.int32,
+    torch.uint8: torch.int8,
+    torch.int64: torch.int32,
+}
+
+
+@pytest.mark.parametrize("entry", STATE_LAYOUT, ids=lambda e: e.key)
+def test_kernel_checks_each_state_tensor_of_the_layout(entry, fused_kernel):
+    """The kernel reads the state by STATE_LAYOUT's keys and refuses a tensor of another
+    dtype than the layout's, naming its key, with nothing changed: its checks and the
+    table cannot drift apart."""
+    hyper = {**BASE, "density": 0.05, "rounding": "stochastic", "error_feedback": True}
+    opt = MicroAdam([torch.nn.Parameter(torch.randn(3000))], **hyper)
+    p = opt.param_groups[0]["params"][0]
+    state = opt._init_state(p, opt.param_groups[0])
+    assert entry.present(hyper), "the case must have every entry of the layout"
+    good = state[entry.key]
+    state[entry.key] = good.to(_WRONG_DTYPE[entry.dtype_for(opt.param_groups[0])])
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=rf"microadam fused CPU step: {entry.key}\b"):
+        kernel.micro_adam_multi_step_(
+            [p.detach()], [torch.randn(3000)], [state], **_pure_arguments(hyper)
+        )
+    assert torch.equal(p.detach(), before)

@@ -1146,8 +1146,8 @@ int dtype_code(const at::Tensor& t, const char* what) {
     case at::kHalf:
       return kF16;
     default:
-      TORCH_CHECK(false, "microadam fused CPU step: unsupported dtype ", t.scalar_type(),
-                  " for ", what);
+      TORCH_CHECK(false, "microadam fused CPU step: ", what, " has the unsupported dtype ",
+                  t.scalar_type());
   }
   return kF32;
 }
@@ -1314,7 +1314,7 @@ int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorL
   for (int64_t j = 0; j < count; ++j) {
     Job& job = jobs[j];
     const at::Tensor& p = params[j];
-    const float step = scalar_of<float>(steps[j], at::kFloat, "a step");
+    const float step = scalar_of<float>(steps[j], at::kFloat, "step");
     // float32 counts exactly up to 2^24 (MAX_STEPS in optim/micro_adam.py).
     TORCH_CHECK(std::isfinite(step) && step >= 0.0f && step == std::floor(step),
                 "microadam fused CPU step: a parameter's step count is ", step,
@@ -1340,7 +1340,7 @@ int64_t micro_adam_step(at::TensorList params, at::TensorList grads, at::TensorL
                 " columns, which does not fit its ", job.numel, " elements");
     job.row = (t - 1) % m;
     job.rows = std::min(t, m);
-    job.key = stochastic ? noise_key(scalar_of<int64_t>(seeds[j], at::kLong, "a seed"), t) : 0;
+    job.key = stochastic ? noise_key(scalar_of<int64_t>(seeds[j], at::kLong, "rng_seed"), t) : 0;
     job.pdt = dtype_code(p, "a parameter");
     check(p, p.scalar_type(), job.numel, "a parameter");
     check(grads[j], p.scalar_type(), job.numel, "a gradient");

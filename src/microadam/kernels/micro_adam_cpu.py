@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from microadam.compress.topk import kept_per_block
+from microadam.optim.micro_adam_state import STATE_LAYOUT
 
 __all__ = [
     "ARCH_ENV",
@@ -345,17 +346,22 @@ def micro_adam_multi_step_(
     if _ops is None:
         raise RuntimeError(f"the fused CPU step is not loaded ({unavailable_reason()})")
     targets = [p if p.is_contiguous() else p.contiguous() for p in params]
-    none: list[torch.Tensor] = []
+    # Every state tensor the layout has for these settings, by key (the kernel checks each
+    # one's dtype and size against the same table: tests/kernels/test_fused_cpu.py).
+    settings = {"error_feedback": error_feedback, "rounding": rounding}
+    state = {
+        e.key: [st[e.key] for st in states] if e.present(settings) else [] for e in STATE_LAYOUT
+    }
     bad = _ops.micro_adam_step_(
         [p.detach() for p in targets],
         [g if g.is_contiguous() else g.contiguous() for g in grads],
-        [st["step"] for st in states],
-        [st["rng_seed"] for st in states] if rounding == "stochastic" else none,
-        [st["window_indices"] for st in states],
-        [st["window_values"] for st in states],
-        [st["ef_codes"] for st in states] if error_feedback else none,
-        [st["ef_min"] for st in states] if error_feedback else none,
-        [st["ef_max"] for st in states] if error_feedback else none,
+        state["step"],
+        state["rng_seed"],
+        state["window_indices"],
+        state["window_values"],
+        state["ef_codes"],
+        state["ef_min"],
+        state["ef_max"],
         float(lr),
         *(float(b) for b in betas),
         float(eps),
