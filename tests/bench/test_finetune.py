@@ -140,6 +140,6 @@ def test_cli_finetune_quick_tiny(tmp_path, capsys):
 
 
 def test_cli_finetune_missing_text_file(tmp_path, capsys):
-    code = main(["bench", "finetune", "--quick", "--text", str(tmp_path / "nope.txt")])
-    assert code == 2
-    assert "Invalid text file" in capsys.readouterr().err
+    missing = tmp_path / "nope.txt"
+    assert main(["bench", "finetune", "--quick", "--text", str(missing)]) == 2
+    assert f"--text: '{missing}' does not exist" in capsys.readouterr().err

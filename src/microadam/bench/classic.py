@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from microadam.bench.tabular import TabularData, load_tabular, mlp
 from microadam.memory import state_bytes
+from microadam.optim import NonFiniteGradientError
 
 __all__ = ["BC", "BC_RAW", "IRIS", "Setup", "Variant", "instability", "train_classifier"]
 
@@ -156,7 +157,7 @@ def train_classifier(
             loss.backward()
             try:
                 opt.step()
-            except RuntimeError as err:  # MicroAdam refuses non-finite gradients
+            except NonFiniteGradientError as err:  # MicroAdam refuses non-finite gradients
                 status, message = "diverged", f"epoch {epoch}, step {steps + 1}: {err}"
                 break
             steps += 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sysconfig
 from pathlib import Path
 
 import torch
 
-__all__ = ["ByteCorpus", "read_text_file", "stdlib_text"]
+__all__ = ["ByteCorpus", "file_problem", "read_text_file", "stdlib_text"]
 
 
 def stdlib_text(max_bytes: int = 2_000_000, seed: int = 0) -> bytes:
@@ -42,12 +43,27 @@ def stdlib_text(max_bytes: int = 2_000_000, seed: int = 0) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a file (``"does not exist"``, ...), else None."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory, not a file"
+    if not path.is_file():
+        return "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return "is not readable"
+    return None
+
+
 def read_text_file(text_path: str) -> tuple[bytes, str]:
     """The bytes of a user's text file and how a report names it; ``ValueError`` naming the
-    path when it is not a file."""
+    path and what is wrong when it cannot be read."""
     path = Path(text_path)
-    if not path.is_file():
-        raise ValueError(f"Invalid text file: {str(path)!r} does not exist")
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"Invalid text file: {str(path)!r} {problem}")
     data = path.read_bytes()
     return data, f"{path.name} ({len(data):,} bytes)"
 

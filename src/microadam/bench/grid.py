@@ -4,16 +4,20 @@ The optimizers are written as registry names or ``NAME[KEY=VALUE,...]`` variants
 ``"microadam[density=0.1]"``, see :func:`parse_optimizer`); ``--hp`` overrides use the same
 ``KEY=VALUE`` syntax (:func:`parse_assignments`). Each optimizer's lr grid is a few
 multiples (:data:`LR_FACTORS`) of a per-workload base rate (:data:`BASE_LR`); the other
-hyperparameters are the bench's (:func:`base_hyperparameters`).
+hyperparameters are the bench's (:func:`base_hyperparameters`). User-given ones are checked
+against what the optimizer takes (:func:`check_hyperparameters`).
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
-from microadam.optim.registry import get_spec
+import torch
+
+from microadam.optim.registry import GALORE_KEYS, get_spec
 
 __all__ = [
     "BASE_LR",
@@ -22,12 +26,14 @@ __all__ = [
     "LR_FACTORS",
     "MUON_ADAMW_RATIO",
     "base_hyperparameters",
+    "check_hyperparameters",
     "default_optimizers",
     "grid_hyperparameters",
     "lr_grid",
     "lr_values",
     "parse_assignments",
     "parse_optimizer",
+    "parse_optimizers",
     "split_top_level",
 ]
 
@@ -199,11 +205,50 @@ def parse_assignments(text: str, where: str) -> dict[str, Any]:
     return out
 
 
+def _dtype(text: str) -> torch.dtype | None:
+    """``"float32"`` or ``"torch.float32"`` -> ``torch.float32``; None if no dtype is named."""
+    value = getattr(torch, text.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _takes_dtype(param: inspect.Parameter) -> bool:
+    return isinstance(param.default, torch.dtype) or "dtype" in str(param.annotation)
+
+
+def check_hyperparameters(name: str, hp: dict[str, Any], where: str) -> dict[str, Any]:
+    """``hp`` for optimizer ``name``, checked against the keywords it takes, with dtype names
+    (``float32``, ``torch.bfloat16``, ...) turned into torch dtypes for the keywords that take
+    one (a command line only gives strings). ``ValueError`` naming ``where`` otherwise."""
+    spec = get_spec(name)
+    params = inspect.signature(spec.load()).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    takes = [k for k, p in params.items() if k != "params" and p.kind not in variadic]
+    if spec.grouping == "galore":
+        takes += GALORE_KEYS  # create_optimizer builds GaLore's groups from these
+    unknown = [k for k in hp if k not in takes]
+    if unknown and all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        raise ValueError(
+            f"Invalid {where}: {spec.name} has no hyperparameter "
+            f"{', '.join(map(repr, unknown))} (it takes {', '.join(takes)})"
+        )
+    out = dict(hp)
+    for key, value in hp.items():
+        if key in params and _takes_dtype(params[key]) and isinstance(value, str):
+            out[key] = _dtype(value)
+            if out[key] is None:
+                raise ValueError(
+                    f"Invalid {where}: {key}={value!r} is not a torch dtype (e.g. float32, "
+                    "bfloat16, float16)"
+                )
+    return out
+
+
 def parse_optimizer(text: str) -> tuple[str, str, dict[str, Any]]:
     """``"microadam[density=0.1]"`` -> ``("microadam[density=0.1]", "microadam", {...})``.
 
     A registry name, optionally with bracketed hyperparameters that make it a variant with
-    its own label (so that one optimizer can be compared with itself).
+    its own label (so that one optimizer can be compared with itself); the hyperparameters
+    are checked by :func:`check_hyperparameters`.
     """
     text = text.strip()
     base, bracket, rest = text.partition("[")
@@ -212,5 +257,15 @@ def parse_optimizer(text: str) -> tuple[str, str, dict[str, Any]]:
         return spec.name, spec.name, {}
     if not rest.endswith("]") or not rest[:-1].strip():
         raise ValueError(f"Invalid optimizer {text!r} (expected NAME or NAME[KEY=VALUE,...])")
-    overrides = parse_assignments(rest[:-1], f"optimizer {text!r}")
+    where = f"optimizer {text!r}"
+    overrides = check_hyperparameters(spec.name, parse_assignments(rest[:-1], where), where)
     return f"{spec.name}[{rest[:-1].strip()}]", spec.name, overrides
+
+
+def parse_optimizers(texts: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """:func:`parse_optimizer` of each, the labels checked unique."""
+    parsed = [parse_optimizer(t) for t in texts]
+    labels = [label for label, _, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Invalid optimizers: {labels} (a name appears twice)")
+    return parsed

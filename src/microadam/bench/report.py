@@ -14,6 +14,12 @@ SUMMARY_HEADER = (
     "optimizer", "best lr", "final train", "final val", "val acc %", "state B/param",
     "peak RSS MB", "step ms", "runs ok",
 )  # fmt: skip
+# After a best lr at either end of a grid of several lrs.
+EDGE_MARK = " (edge)"
+EDGE_NOTE = (
+    f"{EDGE_MARK.strip()}: the best lr is at an end of its grid, so the optimum may lie "
+    "outside it (widen the grid: --lr-grid 5, or --lrs)."
+)
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -51,12 +57,25 @@ def _gap_reference(summary: list[dict[str, Any]]) -> float | None:
     return None if ref is None else ref["val"]["median"]
 
 
+def _at_edge(entry: dict[str, Any]) -> bool:
+    """Whether the entry's best lr is the lowest or highest of a grid of several lrs."""
+    lrs = entry.get("lrs") or []
+    return len(lrs) > 1 and entry.get("best_lr") in (min(lrs), max(lrs))
+
+
+def edge_note(results: dict[str, Any]) -> str | None:
+    """:data:`EDGE_NOTE` if some optimizer's best lr is at an edge of its grid, else None."""
+    return EDGE_NOTE if any(_at_edge(e) for e in results["optimizers"]) else None
+
+
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row per optimizer at its best lr: medians and [min, max] over seeds.
 
-    Fine-tuning results also get the metric on the pretraining data after fine-tuning
-    (forgetting) and the gap of the validation metric to AdamW's."""
+    A best lr at an edge of its grid is marked :data:`EDGE_MARK`. Fine-tuning results also
+    get the metric on the pretraining data after fine-tuning (forgetting) and the gap of the
+    validation metric to AdamW's."""
     summary = results.get("summary") or summarize(results)
+    entries = {e["name"]: e for e in results["optimizers"]}
     forgetting = _has_forgetting(summary)
     adamw = _gap_reference(summary)
     width = len(SUMMARY_HEADER) + (2 if forgetting else 0)
@@ -73,9 +92,10 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
             val = s["val"]["median"]
             gap = val - adamw if finite(val) and finite(adamw) else None
             extra = [_spread(s["pretrain_val"]), f"{gap:+.3f}" if gap is not None else "-"]
+        edge = EDGE_MARK if _at_edge(entries[s["optimizer"]]) else ""
         rows.append([
             s["optimizer"],
-            f"{s['best_lr']:g}",
+            f"{s['best_lr']:g}{edge}",
             _spread(s["train"]),
             _spread(s["val"]),
             *extra,
@@ -115,7 +135,8 @@ def text_table(results: dict[str, Any]) -> str:
             lines.append(f"{r[0].ljust(widths[0])}  {r[-1]}")
         else:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    return "\n".join(lines)
+    note = edge_note(results)
+    return "\n".join(lines + ([f"\n{note}"] if note else []))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -140,6 +161,12 @@ def lr_table(results: dict[str, Any]) -> str:
 
 def _notes(results: dict[str, Any]) -> list[str]:
     notes = []
+    stopped = results.get("interrupted")
+    if stopped:
+        notes.append(
+            f"- Interrupted after {stopped['runs_done']} of {stopped['runs_planned']} runs: "
+            "the results are partial."
+        )
     for e in results["optimizers"]:
         if e["status"] == "skipped":
             notes.append(f"- `{e['name']}` skipped: {e['reason']}.")
@@ -210,6 +237,7 @@ def write_report(
         "",
         markdown_table(_header(results, rows), rows),
         "",
+        *([edge_note(results), ""] if edge_note(results) else []),
         "## Learning-rate grid",
         "",
         lr_table(results),

@@ -8,7 +8,8 @@ the library defaults except: weight decay 0 wherever the optimizer has one (so t
 AdamW-style decay does not favour one method), SGD with momentum 0.9, and one iteration
 (with its line search) per step for the closure-based L-BFGS, BFGS and Newton, whose
 closure evaluates the whole training set. The grid and the hyperparameters are
-:mod:`microadam.bench.grid`'s.
+:mod:`microadam.bench.grid`'s. Interrupted (Ctrl-C), :func:`run_bench` raises
+:class:`BenchInterrupted` holding the results of the runs that finished.
 """
 
 from __future__ import annotations
@@ -27,32 +28,31 @@ from typing import Any
 
 import torch
 
-# FINETUNE_PEERS and the two parsers stay importable from here (the cli imports them).
 from microadam.bench.grid import (
     BASE_LR,
     DEFAULT_OPTIMIZERS,
-    FINETUNE_PEERS,  # noqa: F401
     LR_FACTORS,
     MUON_ADAMW_RATIO,
     base_hyperparameters,
+    check_hyperparameters,
     default_optimizers,
     grid_hyperparameters,
     lr_grid,
     lr_values,
-    parse_assignments,  # noqa: F401
-    parse_optimizer,
-    split_top_level,  # noqa: F401
+    parse_optimizers,
 )
 from microadam.bench.progress import Progress
 from microadam.bench.results import SCHEMA, finite
 from microadam.bench.workloads import Task, Workload
 from microadam.memory import state_bytes
+from microadam.optim import NonFiniteGradientError
 from microadam.optim.registry import OptimizerSpec, create_optimizer, get_spec
 
 __all__ = [
     "BASE_LR",
     "DEFAULT_OPTIMIZERS",
     "LR_FACTORS",
+    "BenchInterrupted",
     "base_hyperparameters",
     "default_optimizers",
     "environment",
@@ -248,9 +248,8 @@ def _train(run: _Run, steps: int, eval_every: int, device: str, progress: Progre
         try:
             loss = _step(run, device)
         except RuntimeError as err:
-            text = str(err)
-            run.status = "diverged" if "non-finite" in text else "failed"
-            run.message = f"step {step}: {text}"
+            run.status = "diverged" if isinstance(err, NonFiniteGradientError) else "failed"
+            run.message = f"step {step}: {err}"
             step -= 1
             break
         run.iter_times.append(time.perf_counter() - t0)
@@ -382,11 +381,7 @@ def _parse_optimizers(
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, registry name, overrides) of each optimizer, labels checked unique."""
     # Unknown or uninstalled names fail here, before any training.
-    parsed = [parse_optimizer(n) for n in (optimizers or default_optimizers(workload.kind))]
-    labels = [label for label, _, _ in parsed]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"Invalid optimizers: {labels} (a name appears twice)")
-    return parsed
+    return parse_optimizers(optimizers or default_optimizers(workload.kind))
 
 
 def _plan(
@@ -428,9 +423,10 @@ def _run_plan(
     eval_every: int,
     device: str,
     show_progress: bool,
-) -> list[dict[str, Any]]:
-    """Do the planned runs in order, each optimizer warmed up before its first."""
-    runs: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]],
+) -> None:
+    """Do the planned runs in order, each optimizer warmed up before its first; each run's
+    record is appended to ``runs`` as it finishes (so an interrupt keeps the finished ones)."""
     desc = f"bench {workload.name}"
     warmed: set[str] = set()
     with Progress(len(plan) * steps, desc, enabled=show_progress) as progress:
@@ -444,7 +440,6 @@ def _run_plan(
             run["optimizer"] = label
             runs.append(run)
             gc.collect()
-    return runs
 
 
 def _score(runs: list[dict[str, Any]]) -> float:
@@ -458,8 +453,13 @@ def _score(runs: list[dict[str, Any]]) -> float:
 
 def _choose_lr(entry: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     """Score each lr of the entry's grid and pick the best; an optimizer all of whose runs
-    failed is marked failed."""
+    failed is marked failed. Only the lrs that ran count (all, unless the bench was
+    interrupted)."""
     mine = [r for r in runs if r["optimizer"] == entry["name"]]
+    if not mine:
+        entry.update(status="skipped", reason="not run: the bench was interrupted", lrs=[])
+        return
+    entry["lrs"] = [lr for lr in entry["lrs"] if any(r["lr"] == lr for r in mine)]
     scores = [_score([r for r in mine if r["lr"] == lr]) for lr in entry["lrs"]]
     entry["scores"] = [s if math.isfinite(s) else None for s in scores]
     best = min(range(len(scores)), key=lambda i: scores[i])
@@ -505,6 +505,15 @@ def _settings(
     }
 
 
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_bench`: ``results`` is the document of the runs that finished,
+    with ``"interrupted": {"runs_done": N, "runs_planned": M}``."""
+
+    def __init__(self, results: dict[str, Any]):
+        super().__init__("the bench was interrupted")
+        self.results = results
+
+
 def run_bench(
     workload: Workload,
     optimizers: list[str] | tuple[str, ...] | None = None,
@@ -526,22 +535,34 @@ def run_bench(
     optimizer can be compared. ``extra_hyperparameters`` maps a registry name to keywords
     that override the bench's for it and its variants (e.g. ``{"microadam": {"density":
     0.05}}``). An ``lr`` in either fixes that optimizer's grid to one value. See
-    :mod:`microadam.bench.results` for the document's schema.
+    :mod:`microadam.bench.results` for the document's schema. Interrupted (Ctrl-C), it
+    raises :class:`BenchInterrupted` with the document of the runs that finished.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps} (expected an integer >= 1)")
     if not seeds:
         raise ValueError("Invalid seeds: expected at least one seed")
     parsed = _parse_optimizers(workload, optimizers)
-    extra = {get_spec(k).name: dict(v) for k, v in (extra_hyperparameters or {}).items()}
-    eval_every = eval_every or max(1, steps // workload.evaluations)
+    extra = {
+        get_spec(k).name: check_hyperparameters(k, v, f"extra_hyperparameters for {k!r}")
+        for k, v in (extra_hyperparameters or {}).items()
+    }
+    if eval_every is None:
+        eval_every = max(1, steps // workload.evaluations)
+    elif isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"Invalid eval_every: {eval_every} (expected an integer >= 1)")
     described = workload.describe()
     entries, plan = _plan(workload, parsed, extra, lr_factors, lrs, seeds, described["num_params"])
-    runs = _run_plan(workload, plan, steps, eval_every, device, show_progress)
+    runs: list[dict[str, Any]] = []
+    interrupted = False
+    try:
+        _run_plan(workload, plan, steps, eval_every, device, show_progress, runs)
+    except KeyboardInterrupt:
+        interrupted = True
     for entry in entries:
         if entry["status"] == "ok":
             _choose_lr(entry, runs)
-    return {
+    results = {
         "schema": SCHEMA,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -551,3 +572,7 @@ def run_bench(
         "optimizers": entries,
         "runs": runs,
     }
+    if interrupted:
+        results["interrupted"] = {"runs_done": len(runs), "runs_planned": len(plan)}
+        raise BenchInterrupted(results)
+    return results

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from microadam.cli import _err, check_out, non_negative_int, positive_float, positive_int
+
 __all__ = ["OPTIMIZERS", "SpeedResult", "add_parser", "run_speed"]
 
 # Label -> (registry name, extra keyword arguments). "adamw_fused" is the baseline.
@@ -77,6 +79,26 @@ def parse_size(text: str) -> int:
     if not 1 <= value < 1e12 or value != int(value):
         raise argparse.ArgumentTypeError(f"Invalid size: {text!r} (expected e.g. 1M, 25M, 4096)")
     return int(value)
+
+
+def _labels(text: str) -> list[str]:
+    """``--optimizers``: labels of :data:`OPTIMIZERS`, comma-separated."""
+    labels = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [label for label in labels if label not in OPTIMIZERS]
+    if unknown or not labels:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(OPTIMIZERS)}, got {text!r}")
+    return labels
+
+
+def _cases(text: str) -> list[str]:
+    """``--sizes``: parameter counts (:func:`parse_size`) and/or ``model``, comma-separated."""
+    cases = [s.strip() for s in text.split(",") if s.strip()]
+    if not cases:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 1M,25M,model, got {text!r}")
+    for case in cases:
+        if case != "model":
+            parse_size(case)
+    return cases
 
 
 def _matrix_shape(numel: int) -> tuple[int, int]:
@@ -269,19 +291,13 @@ def write_results(results: list[SpeedResult], path: Path, meta: dict[str, Any]) 
 
 
 def _speed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    out = Path(args.out)
+    problem = check_out(out, "--out", file=True)
+    if problem:
+        return _err(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    labels = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    unknown = [label for label in labels if label not in OPTIMIZERS]
-    if unknown:
-        raise SystemExit(f"Invalid optimizers: {unknown} (expected some of {list(OPTIMIZERS)})")
-    cases = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    for case in cases:
-        if case != "model":
-            try:
-                parse_size(case)
-            except argparse.ArgumentTypeError as err:
-                raise SystemExit(f"Invalid --sizes: {err}") from None
+    labels, cases = args.optimizers, args.sizes
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -321,7 +337,6 @@ def _speed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         print(
             f"\n(the fused kernel was compiled in this run: {micro_adam_cpu.build_seconds:.1f} s)"
         )
-    out = Path(args.out)
     write_results(results, out, meta)
     print(f"\nresults written to {out}")
     return 0
@@ -336,26 +351,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--sizes",
+        type=_cases,
         default="1M,25M,100M,model",
         help="comma-separated parameter counts (1M, 25M, 100M, ...) and/or 'model' "
         "(TinyGPT scaled to 25M parameters)",
     )
     parser.add_argument(
         "--optimizers",
+        type=_labels,
         default=",".join(label for label in OPTIMIZERS if label != BASELINE),
         help=f"comma-separated, of: {', '.join(OPTIMIZERS)} (fused AdamW is always measured)",
     )
-    parser.add_argument("--repeats", type=int, default=20, help="interleaved steps per optimizer")
     parser.add_argument(
-        "--warmup", type=int, default=10,
+        "--repeats", type=positive_int, default=20, help="interleaved steps per optimizer"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=10,
         help="untimed steps of each first (fewer, at least 2, past a quarter of the budget)",
     )  # fmt: skip
     parser.add_argument(
-        "--budget", type=float, default=60.0,
+        "--budget", type=positive_float, default=60.0,
         help="seconds per optimizer and case after which fewer repeats are kept (at least 3)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: as is)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch threads (0, the default: as is)"
+    )
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument(
         "--out", default="speed.json", help="results file (.json, or .csv for a flat table)"

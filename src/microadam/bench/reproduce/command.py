@@ -41,7 +41,7 @@ from microadam.bench.reproduce.narrative import (
     rosenbrock_headline,
     rosenbrock_text,
 )
-from microadam.bench.reproduce.runs import Runs, round_floats
+from microadam.bench.reproduce.runs import Runs, read_saved, round_floats
 from microadam.bench.reproduce.stats import facts_table
 
 __all__ = ["reproduce"]
@@ -205,23 +205,30 @@ def reproduce(
     seeds: Sequence[int] | None = None,
     command: str = "microadam reproduce",
     show_progress: bool = True,
-    reuse: str | Path | None = None,
+    reuse: str | Path | dict[str, Any] | None = None,
 ) -> Path:
     """Rerun the report's figures into ``out``: PNGs, ``reproduce.json`` and ``report.md``.
 
-    ``reuse`` names an earlier ``reproduce.json`` whose runs (same settings, seed and
-    epochs) are taken instead of trained again, so the report and figures can be redrawn.
+    ``reuse`` is an earlier ``reproduce.json`` (its path, or the document
+    :func:`~microadam.bench.reproduce.runs.read_saved` read) whose runs (same settings,
+    seed and epochs) are taken instead of trained again, so the report and figures can be
+    redrawn. ``ValueError`` if it is not one, before anything is trained.
     """
+    old: dict[str, Any] = {}
+    if reuse is not None:
+        old = reuse if isinstance(reuse, dict) else read_saved(reuse)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = sorted(set(figures or FIGURES))
-    epochs = epochs or (QUICK_EPOCHS if quick else EPOCHS)
-    seeds = tuple(seeds or (QUICK_SEEDS if quick else SEEDS))
+    epochs = (QUICK_EPOCHS if quick else EPOCHS) if epochs is None else epochs
+    seeds = tuple((QUICK_SEEDS if quick else SEEDS) if seeds is None else seeds)
+    if epochs < 1:
+        raise ValueError(f"Invalid epochs: {epochs} (expected an integer >= 1)")
+    if not seeds:
+        raise ValueError("Invalid seeds: expected at least one seed")
     can_plot = available()
     runs = Runs(epochs, seeds)
-    old: dict[str, Any] = {}
-    if reuse is not None:
-        old = json.loads(Path(reuse).read_text())
+    if old:
         runs.preload(old)
     runs.progress = Progress(runs.planned_steps(figures), "reproduce", enabled=show_progress)
     rosenbrock_steps = ROSENBROCK_STEPS if not quick else ROSENBROCK_STEPS // 5

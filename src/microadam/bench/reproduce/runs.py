@@ -8,15 +8,20 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from microadam.bench.classic import Setup, Variant, train_classifier
+from microadam.bench.data import file_problem
 from microadam.bench.progress import Progress
 from microadam.bench.reproduce.experiments import PANELS, rosenbrock_optimizers, steps_per_epoch
 
-__all__ = ["Runs", "config_key", "rosenbrock_runs", "round_floats"]
+__all__ = ["Runs", "config_key", "read_saved", "rosenbrock_runs", "round_floats"]
+
+# What Runs.preload reads of each saved run.
+_SAVED_RUN_KEYS = ("setup", "config", "seed", "epochs")
 
 
 def round_floats(obj: Any) -> Any:
@@ -28,6 +33,29 @@ def round_floats(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [round_floats(v) for v in obj]
     return obj
+
+
+def read_saved(path: str | Path) -> dict[str, Any]:
+    """An earlier ``reproduce.json``, checked to be one (``ValueError`` saying what is wrong)
+    before anything is trained."""
+    problem = file_problem(path)
+    if problem:
+        raise ValueError(f"{str(path)!r} {problem}")
+    try:
+        document = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not JSON ({err})") from None
+    runs = document.get("runs") if isinstance(document, dict) else None
+    if (
+        not isinstance(runs, list)
+        or not isinstance(document.get("figures"), dict)
+        or not all(isinstance(r, dict) and all(k in r for k in _SAVED_RUN_KEYS) for r in runs)
+    ):
+        raise ValueError(
+            f"{str(path)!r} is not a reproduce.json (expected the 'figures' and 'runs' that "
+            "microadam reproduce writes)"
+        )
+    return document
 
 
 def config_key(config: dict[str, Any]) -> tuple:
