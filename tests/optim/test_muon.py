@@ -599,10 +599,12 @@ def test_add_param_group_keeps_groups_clean_and_state_unchanged_on_error():
     assert set(caller_group) == {"params", "use_muon"}  # the caller's dict is untouched
     muon_keys = {
         "params", "use_muon", "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients",
-        "ns_steps", "eps", "adjust_lr_fn", "ns_dtype",
+        "ns_steps", "eps", "adjust_lr_fn", "ns_dtype", "skipped_steps",
     }  # fmt: skip
     assert set(opt.param_groups[0]) == muon_keys
-    assert set(opt.param_groups[1]) == {"params", "use_muon", "lr", "betas", "eps", "weight_decay"}
+    assert set(opt.param_groups[1]) == {
+        "params", "use_muon", "lr", "betas", "eps", "weight_decay", "skipped_steps",
+    }  # fmt: skip
     assert opt.param_groups[1]["lr"] == 1e-3 and opt.param_groups[1]["eps"] == 1e-8
     with pytest.raises(ValueError):
         opt.add_param_group({"params": [torch.zeros(5, requires_grad=True)]})

@@ -517,8 +517,8 @@ COMMON_INVALID = [
         "Invalid lr: a torch.bool tensor of shape () "
         "(expected a number or a real 1-element tensor, lr > 0)",
     ),
-    ({"max_iter": 0}, "Invalid max_iter: 0 (expected max_iter >= 1)"),
-    ({"max_iter": 2.5}, "Invalid max_iter: 2.5 (expected max_iter >= 1)"),
+    ({"max_iter": 0}, "Invalid max_iter: 0 (expected an integer >= 1)"),
+    ({"max_iter": 2.5}, "Invalid max_iter: 2.5 (expected an integer >= 1)"),
     ({"tolerance_grad": -1e-3}, "Invalid tolerance_grad: -0.001 (expected tolerance_grad >= 0)"),
     (
         {"tolerance_change": float("nan")},

@@ -443,10 +443,6 @@ ROWS = [
         Budget({"lr": 0.02, "no_deprecation_warning": True}, 3000, 1e-3, 1.1e-5, GALORE_NOTE),
         Budget({"lr": 0.05, "no_deprecation_warning": True}, 1000, 1e-5, 2.4e-8, GALORE_NOTE),
         matrix_group={"rank": 1, "update_proj_gap": 3, "scale": 1.0, "proj_type": "std"},
-        closure_error=(
-            "galore_torch's AdamW.step is @torch.no_grad() and calls the closure without "
-            "torch.enable_grad(), so a closure that calls backward() fails"
-        ),
         weights_only_error=(
             "GaLore keeps a galore_torch.GaLoreProjector object in each projected parameter's "
             "state, which torch.load(weights_only=True) refuses to unpickle"

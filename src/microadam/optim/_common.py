@@ -1,10 +1,14 @@
 """Pieces this package's own optimizers share: finding the parameters to step, checking
-gradients, naming a parameter in an error message, checking hyperparameters with one
-wording, and checking and loading state dicts."""
+gradients and what to do with a non-finite one (:class:`NonFiniteSteps`), naming a
+parameter in an error message, pointing a warning at the user's line, checking
+hyperparameters with one wording, and checking and loading state dicts."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,12 +19,16 @@ from microadam.optim import _sharding
 
 __all__ = [
     "FORMAT_KEYS",
+    "NONFINITE_POLICIES",
+    "SKIPPED_STEPS",
     "LazyText",
     "NonFiniteGradientError",
+    "NonFiniteSteps",
     "all_finite",
     "base_load_state_dict",
+    "caller_stacklevel",
     "check_betas",
-    "check_finite_gradients",
+    "check_choice",
     "check_flag",
     "check_int",
     "check_is_state_dict",
@@ -30,6 +38,7 @@ __all__ = [
     "check_positive",
     "check_state_dict_format",
     "describe_param",
+    "find_non_finite",
     "first_non_finite",
     "is_real_number",
     "lift_format_key",
@@ -56,12 +65,41 @@ class LazyText:
 
 
 def describe_param(param_groups: list[dict[str, Any]], p: torch.Tensor) -> str:
-    """``"parameter 3 of param group 1 (shape (64, 32))"``: how error messages name ``p``."""
+    """``"parameter 3 of param group 1 (shape (64, 32))"``: how error messages name ``p``;
+    ``"parameter '0.weight' of param group 1 (shape (64, 32))"`` when the optimizer was
+    built from ``model.named_parameters()`` (torch keeps the names in the group's
+    ``param_names``)."""
     for gi, group in enumerate(param_groups):
         for pi, q in enumerate(group["params"]):
             if q is p:
-                return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                names = group.get("param_names")
+                named = isinstance(names, list) and len(names) == len(group["params"])
+                label = repr(names[pi]) if named else pi
+                return f"parameter {label} of param group {gi} (shape {tuple(p.shape)})"
     return f"parameter of shape {tuple(p.shape)}"
+
+
+# Where this package's optimizers and torch's Optimizer machinery (the step hooks, the
+# no_grad decorator, torch.distributed.checkpoint) live: frames that a warning skips.
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this one that
+    names the first frame outside this package's optimizers and outside torch: the user's
+    line (``optimizer.step()``, ``load_state_dict(...)``) whatever torch wraps around it
+    (the step hooks, ``no_grad``). What ``skip_file_prefixes`` does from Python 3.12 on."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _INTERNAL_DIRS
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def params_with_grad(
@@ -127,28 +165,96 @@ class NonFiniteGradientError(RuntimeError):
 def non_finite_gradient(name: str, where: Any) -> NonFiniteGradientError:
     return NonFiniteGradientError(
         f"{name}: non-finite gradient (NaN or inf) for {where}; nothing was updated. Skip "
-        "this batch (zero_grad() and continue), lower the learning rate, or use gradient "
-        "clipping or a GradScaler"
+        "this batch (zero_grad() and continue), lower the learning rate, use gradient "
+        "clipping or a GradScaler, or build the optimizer with nonfinite='skip'"
     )
 
 
-def check_finite_gradients(
-    name: str, params: Sequence[torch.Tensor], describe: Callable[[torch.Tensor], str]
-) -> None:
-    """Raise :class:`NonFiniteGradientError` naming the first of ``params`` whose gradient is
-    not finite. Plain gradients are checked together (:func:`first_non_finite`: one host
-    read per device); a DTensor's local shard is checked and the verdict agreed over the
-    ranks, so that every rank raises or none does."""
+def find_non_finite(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The first of ``params`` whose gradient holds NaN or inf, else None. Plain gradients
+    are checked together (:func:`first_non_finite`: one host read per device); a DTensor's
+    local shard is checked and the verdict agreed over the ranks, so that every rank finds
+    one or none does."""
     plain = [p for p in params if not _sharding.is_dtensor(p)]
     bad = first_non_finite([p.grad for p in plain])
     if bad is not None:
-        raise non_finite_gradient(name, describe(plain[bad]))
+        return plain[bad]
     sharded = [p for p in params if _sharding.is_dtensor(p)]
     if sharded:
         finite = [all_finite(_sharding.local(p.grad)) for p in sharded]
         finite = _sharding.all_ranks_agree(finite, sharded)
         if not all(finite):
-            raise non_finite_gradient(name, describe(sharded[finite.index(False)]))
+            return sharded[finite.index(False)]
+    return None
+
+
+# What ``step`` does with a non-finite gradient (the ``nonfinite`` argument), and the param
+# group entry that counts the steps skipped.
+NONFINITE_POLICIES = ("raise", "skip")
+SKIPPED_STEPS = "skipped_steps"
+
+
+class NonFiniteSteps:
+    """The non-finite gradient policy of MicroAdam, Adapprox and Muon, mixed in before
+    ``torch.optim.Optimizer``.
+
+    ``nonfinite`` (kept in ``defaults``, not in the param groups: a step is taken or
+    skipped as a whole) is ``"raise"`` (:class:`NonFiniteGradientError`) or ``"skip"``: the
+    step changes nothing, warns naming the parameter, and counts itself in
+    :attr:`skipped_steps`. The count is kept in every param group as ``skipped_steps`` (the
+    same in each), so that ``state_dict``, ``torch.distributed.checkpoint`` and
+    ``load_state_dict`` carry it; a state dict saved without it loads with 0.
+    """
+
+    param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (``nonfinite="skip"``), saved in the
+        state dict."""
+        return max((group.get(SKIPPED_STEPS, 0) for group in self.param_groups), default=0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "nonfinite" in param_group:
+            raise TypeError(
+                "nonfinite is an argument of the optimizer, not of a param group (a step is "
+                "skipped or taken as a whole)"
+            )
+        count = self.skipped_steps
+        super().add_param_group(param_group)  # type: ignore[misc]
+        added = self.param_groups[-1]
+        added.pop("nonfinite", None)  # torch copied every default into the group
+        added[SKIPPED_STEPS] = count
+
+    def _gradients_finite(
+        self, name: str, params: Sequence[torch.Tensor], describe: Callable[[torch.Tensor], str]
+    ) -> bool:
+        """Whether every gradient of ``params`` is finite (:func:`find_non_finite`); if one is
+        not, :meth:`_non_finite` raises or skips the step."""
+        bad = find_non_finite(params)
+        if bad is None:
+            return True
+        self._non_finite(name, bad, describe)
+        return False
+
+    def _non_finite(
+        self, name: str, p: torch.Tensor, describe: Callable[[torch.Tensor], str]
+    ) -> None:
+        """``p``'s gradient is not finite and nothing was changed: raise
+        :class:`NonFiniteGradientError`, or, with ``nonfinite="skip"``, count the skipped
+        step and warn."""
+        if self.defaults.get("nonfinite", "raise") == "raise":
+            raise non_finite_gradient(name, describe(p))
+        count = self.skipped_steps + 1
+        for group in self.param_groups:
+            group[SKIPPED_STEPS] = count
+        warnings.warn(
+            f"{name}: non-finite gradient (NaN or inf) for {describe(p)}; the step was "
+            f"skipped and nothing was updated (nonfinite='skip'; {count} skipped so far)",
+            RuntimeWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def run_closure(closure: Callable[[], Any] | None) -> Any:
@@ -329,6 +435,14 @@ def check_flag(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
 
 
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        quoted = [repr(c) for c in choices]
+        expected = ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+        raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
+
+
 def check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
@@ -384,6 +498,7 @@ def load_checked_state_dict(
     version: int | None = None,
     name: str = "",
     keep_group_keys: Sequence[str] = (),
+    layout_keys: Sequence[str] = (),
     after_load: Callable[[], None] | None = None,
 ) -> None:
     """The ``load_state_dict`` of this package's optimizers: everything is checked before
@@ -400,7 +515,11 @@ def load_checked_state_dict(
     state_dict: ...")``. Only then does torch's load run, followed by ``restore(param,
     key, saved_tensor)`` for every saved tensor, ``after_load()`` and the load post-hooks.
     The settings named in ``keep_group_keys`` keep the optimizer's own values (how this
-    process steps, not what the state is).
+    process steps, not what the state is). Every other setting is the saved one, as in
+    ``torch.optim``; for each of ``layout_keys`` (the settings the saved state's shapes
+    depend on) whose saved value differs from the optimizer's, one ``UserWarning`` per
+    group and key says so once the load is done. The ``skipped_steps`` counter of
+    :class:`NonFiniteSteps` must be a whole number if saved, and is 0 if not.
 
     Keys of the saved ``state`` that are not integers belong to no parameter (what hooks
     put into ``optimizer.state``, as torch's own tests do) and are loaded as they are, as
@@ -425,6 +544,7 @@ def load_checked_state_dict(
             f"has {len(opt.param_groups)}"
         )
     owners: dict[Any, tuple[torch.Tensor, dict[str, Any]]] = {}
+    kept_saved = []  # (group index, key, saved value, the optimizer's value)
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups, strict=True)):
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
             raise ValueError(f"Invalid state_dict: param group {gi} is not a dict with 'params'")
@@ -436,8 +556,15 @@ def load_checked_state_dict(
         merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
         try:
             check_group(group, merged, gi)
+            if SKIPPED_STEPS in saved:
+                check_int(SKIPPED_STEPS, saved[SKIPPED_STEPS], 0)
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"Invalid state_dict: param group {gi}: {err}") from None
+        kept_saved += [
+            (gi, key, merged[key], group[key])
+            for key in layout_keys
+            if key in group and merged[key] != group[key]
+        ]
         for pid, p in zip(saved["params"], group["params"], strict=True):
             owners[pid] = (p, merged)
     loaded = []
@@ -463,6 +590,10 @@ def load_checked_state_dict(
     base_load_state_dict(opt, body)
     for group, values in zip(opt.param_groups, kept, strict=True):
         group.update(values)
+    if isinstance(opt, NonFiniteSteps):  # the same count in every group; 0 if not saved
+        count = opt.skipped_steps
+        for group in opt.param_groups:
+            group[SKIPPED_STEPS] = count
     for p, saved_state in loaded:
         for key, value in saved_state.items():
             if isinstance(value, torch.Tensor):
@@ -471,3 +602,11 @@ def load_checked_state_dict(
         after_load()
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
+    for gi, key, saved_value, own_value in kept_saved:
+        warnings.warn(
+            f"{name or type(opt).__name__}.load_state_dict: param group {gi} was saved with "
+            f"{key}={saved_value!r} and this optimizer was built with {key}={own_value!r}; "
+            "the saved value is kept (the saved state's layout depends on it)",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )

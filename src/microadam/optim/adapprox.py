@@ -18,9 +18,11 @@ from torch.optim import Optimizer
 from microadam.compress.low_rank import adaptive_low_rank
 from microadam.optim import _sharding
 from microadam.optim._common import (
+    NONFINITE_POLICIES,
     LazyText,
+    NonFiniteSteps,
     check_betas,
-    check_finite_gradients,
+    check_choice,
     check_flag,
     check_int,
     check_lr,
@@ -80,10 +82,8 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     check_positive("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
     clip = group["clip_threshold"]
-    if clip is not None and (
-        isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0.0
-    ):
-        raise ValueError(f"Invalid clip_threshold: {clip} (expected None or clip_threshold > 0)")
+    if clip is not None:
+        check_number("clip_threshold", clip, "None or clip_threshold > 0", lambda c: c > 0.0)
     check_int("min_rank", group["min_rank"], 1)
     min_rank, max_rank = group["min_rank"], group["max_rank"]
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < min_rank:
@@ -96,9 +96,7 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     )
     check_int("power_iterations", group["power_iterations"], 0)
     check_int("oversampling", group["oversampling"], 0)
-    floor = group["second_moment_floor"]
-    if floor not in _FLOORS:
-        raise ValueError(f"Invalid second_moment_floor: {floor!r} (expected 'gradient' or 'zero')")
+    check_choice("second_moment_floor", group["second_moment_floor"], _FLOORS)
     check_flag("maximize", group["maximize"])
 
 
@@ -276,7 +274,7 @@ def adapprox_step_(
     state["step"] += 1
 
 
-class Adapprox(Optimizer):
+class Adapprox(NonFiniteSteps, Optimizer):
     r"""Adapprox: Adam whose second moment is a randomized low-rank matrix of adaptive rank.
 
     Adapprox (Zhao et al., 2024) keeps, for every matrix parameter, the second moment
@@ -405,7 +403,9 @@ class Adapprox(Optimizer):
         format 1 load as they are.
 
     .. note::
-        Huge gradients. A non-finite gradient raises ``RuntimeError`` and changes nothing;
+        Huge gradients. A non-finite gradient raises ``NonFiniteGradientError`` (a
+        ``RuntimeError``) and changes nothing, or with ``nonfinite="skip"`` skips the step
+        (a ``RuntimeWarning``; :attr:`skipped_steps` counts it);
         a finite one never makes a parameter or state tensor NaN or inf, up to the float32
         maximum. For a factored parameter, when :math:`(1-\beta_2) g^2` or the sums of
         squares in AS-RSI could overflow (an entry bound :math:`B` of the matrix to factor
@@ -458,6 +458,10 @@ class Adapprox(Optimizer):
         second_moment_floor (str, optional): ``"gradient"`` clamps :math:`\hat V_t` at
             :math:`(1-\beta_2) g_t^2`, ``"zero"`` at 0 (default: "gradient").
         maximize (bool, optional): maximize the objective instead (default: False).
+        nonfinite (str, optional): what ``step`` does when a gradient holds NaN or inf:
+            ``"raise"`` (``NonFiniteGradientError``) or ``"skip"`` the whole step (a
+            warning, and :attr:`skipped_steps` counts it); either way nothing is updated
+            (default: "raise").
 
     Example:
         >>> import torch
@@ -498,7 +502,9 @@ class Adapprox(Optimizer):
         oversampling: int = DEFAULT_OVERSAMPLING,
         second_moment_floor: str = "gradient",
         maximize: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -513,6 +519,7 @@ class Adapprox(Optimizer):
             oversampling=oversampling,
             second_moment_floor=second_moment_floor,
             maximize=maximize,
+            nonfinite=nonfinite,
         )
         _validate_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -525,6 +532,7 @@ class Adapprox(Optimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, parameter)
             if isinstance(p, torch.Tensor) and p.is_complex():
                 raise RuntimeError(
                     "Adapprox does not support complex parameters; optimize "
@@ -614,7 +622,8 @@ class Adapprox(Optimizer):
         # A DTensor parameter (FSDP2) steps on its local shard (to_local() views the local
         # storage, so the update lands in the parameter) and factors the local rows only.
         work = params_with_grad("Adapprox", self.param_groups)
-        check_finite_gradients("Adapprox", [p for _, p in work], self._describe)
+        if not self._gradients_finite("Adapprox", [p for _, p in work], self._describe):
+            return loss  # skipped (nonfinite="skip")
         states = [self._init_state(p, group) for group, p in work]
 
         for (group, p), state in zip(work, states, strict=True):

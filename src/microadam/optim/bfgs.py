@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from microadam.optim._common import check_flag
 from microadam.optim.line_search import (
     ClosureObjective,
     check_single_group,
@@ -80,8 +81,7 @@ class BFGS(Optimizer):
         validate_line_search_hyperparameters(
             lr, max_iter, tolerance_grad, tolerance_change, line_search
         )
-        if not isinstance(initial_scaling, bool):
-            raise ValueError(f"Invalid initial_scaling: {initial_scaling} (expected True or False)")
+        check_flag("initial_scaling", initial_scaling)
         defaults = {
             "lr": lr,
             "max_iter": max_iter,

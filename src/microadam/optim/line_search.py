@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from microadam.optim._common import check_int, check_nonnegative, check_positive
+
 __all__ = [
     "C1",
     "C2",
@@ -630,13 +632,11 @@ def validate_line_search_hyperparameters(
             )
         if not float(lr) > 0.0:
             raise ValueError(f"Invalid lr: {lr!r} (expected lr > 0)")
-    elif isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0.0:
-        raise ValueError(f"Invalid lr: {lr} (expected lr > 0)")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"Invalid max_iter: {max_iter} (expected max_iter >= 1)")
-    for name, value in (("tolerance_grad", tolerance_grad), ("tolerance_change", tolerance_change)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0.0:
-            raise ValueError(f"Invalid {name}: {value} (expected {name} >= 0)")
+    else:
+        check_positive("lr", lr)
+    check_int("max_iter", max_iter, 1)
+    check_nonnegative("tolerance_grad", tolerance_grad)
+    check_nonnegative("tolerance_change", tolerance_change)
     if line_search not in LINE_SEARCHES:
         raise ValueError(
             f"Invalid line_search: {line_search!r} "

@@ -25,6 +25,7 @@ from microadam.compress.topk import topk_layout
 
 __all__ = [
     "CPU_KEYS",
+    "LAYOUT_KEYS",
     "STATE_LAYOUT",
     "StateEntry",
     "StateSizes",
@@ -132,6 +133,20 @@ STATE_LAYOUT: tuple[StateEntry, ...] = (
 
 # The state kept on the CPU whatever the parameter's device.
 CPU_KEYS = tuple(e.key for e in STATE_LAYOUT if e.on_cpu)
+
+# The group settings that decide which state tensors a parameter has and their shapes and
+# dtypes (what :func:`state_sizes`, ``StateEntry.dtype_for`` and the entries' ``present``
+# read), so the settings a saved state fixes. ``rounding`` is not one of them: it only adds
+# ``rng_seed``, which is drawn at the next step when it is switched on later.
+LAYOUT_KEYS = (
+    "window_size",
+    "density",
+    "topk_block_size",
+    "quant_block_size",
+    "quant_bits",
+    "error_feedback",
+    "value_dtype",
+)
 
 
 def expected_state(

@@ -19,8 +19,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from microadam.optim._common import (
+    NONFINITE_POLICIES,
+    NonFiniteSteps,
     check_betas,
-    check_finite_gradients,
+    check_choice,
     check_flag,
     check_int,
     check_lr,
@@ -244,7 +246,7 @@ def _validate_group(group: Mapping[str, Any]) -> None:
         or not all(is_real_number(x) for x in coefficients)
     ):
         raise ValueError(
-            f"Invalid ns_coefficients: {coefficients} (expected a tuple of three floats)"
+            f"Invalid ns_coefficients: {coefficients!r} (expected a tuple of three floats)"
         )
     check_int("ns_steps", group["ns_steps"], 1)
     if group["adjust_lr_fn"] not in _ADJUST_LR_FNS:
@@ -254,7 +256,7 @@ def _validate_group(group: Mapping[str, Any]) -> None:
         )
     if group["ns_dtype"] not in _NS_DTYPES:
         raise ValueError(
-            f"Invalid ns_dtype: {group['ns_dtype']} (expected torch.bfloat16, torch.float16, "
+            f"Invalid ns_dtype: {group['ns_dtype']!r} (expected torch.bfloat16, torch.float16, "
             "torch.float32 or torch.float64)"
         )
 
@@ -277,7 +279,7 @@ def _check_params(group: Mapping[str, Any], index: int) -> None:
 # -- the optimizer ------------------------------------------------------------------------
 
 
-class Muon(Optimizer):
+class Muon(NonFiniteSteps, Optimizer):
     r"""Muon for 2-D hidden-layer matrices and AdamW for all other parameters, in one optimizer.
 
     Every param group carries a flag ``use_muon``. A Muon group (``use_muon=True``, the
@@ -392,6 +394,10 @@ class Muon(Optimizer):
         adamw_eps (float, optional): eps of AdamW groups that set none (default: 1e-8).
         adamw_weight_decay (float, optional): decoupled weight decay of AdamW groups that set
             none (default: 0).
+        nonfinite (str, optional): what ``step`` does when a gradient holds NaN or inf:
+            ``"raise"`` (``NonFiniteGradientError``, nothing is updated) or ``"skip"`` the
+            whole step: nothing is updated, a ``RuntimeWarning`` names the parameter and
+            :attr:`skipped_steps` (saved in the state dict) counts it (default: "raise").
 
     Example:
         >>> import torch
@@ -433,7 +439,9 @@ class Muon(Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
+        nonfinite: str = "raise",
     ) -> None:
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         defaults = dict(
             use_muon=True,
             lr=lr,
@@ -449,6 +457,7 @@ class Muon(Optimizer):
             adamw_betas=_as_tuple(adamw_betas),
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
+            nonfinite=nonfinite,
         )
         _validate_group(defaults)
         check_lr(adamw_lr, "adamw_lr")
@@ -501,23 +510,26 @@ class Muon(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns
                 the loss.
         """
-        return self._muon_step(closure)
+        return self._muon_step(closure)[0]
 
-    def _muon_step(self, closure=None):
-        """The body of :meth:`step`: torch wraps every class's ``step`` to run the step
-        hooks, so a subclass that extends the step calls this, not ``super().step``."""
+    def _muon_step(self, closure=None) -> tuple[Any, bool]:
+        """The body of :meth:`step`: the loss, and whether the step was taken (False when a
+        non-finite gradient skipped it, ``nonfinite="skip"``). torch wraps every class's
+        ``step`` to run the step hooks, so a subclass that extends the step calls this,
+        not ``super().step``."""
         loss = run_closure(closure)
         # Check every gradient before touching anything, so a bad one changes nothing.
         work = params_with_grad("Muon", self.param_groups)
-        check_finite_gradients(
-            "Muon", [p for _, p in work], lambda p: describe_param(self.param_groups, p)
-        )
         for group, p in work:
             if group["use_muon"] and p.grad.shape != p.shape:
                 raise RuntimeError(
                     f"Muon: gradient of shape {tuple(p.grad.shape)} for a parameter of "
                     f"shape {tuple(p.shape)}"
                 )
+        if not self._gradients_finite(
+            "Muon", [p for _, p in work], lambda p: describe_param(self.param_groups, p)
+        ):
+            return loss, False
 
         for group, p in work:
             state = self._init_state(p, group)
@@ -527,7 +539,7 @@ class Muon(Optimizer):
             else:
                 h = _arguments(group, _ADAMW_ARGUMENTS)
                 adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **h)
-        return loss
+        return loss, True
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]

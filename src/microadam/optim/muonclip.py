@@ -396,9 +396,10 @@ class MuonClip(Muon):
         params: iterable of parameters or param groups, as :class:`Muon` (see
             :func:`~microadam.optim.muon.muon_param_groups`).
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps,
-            adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay:
-            as :class:`Muon`, with its defaults (K2 trained with
-            ``adjust_lr_fn="match_rms_adamw"`` and weight decay 0.1).
+            adjust_lr_fn, ns_dtype, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay,
+            nonfinite: as :class:`Muon`, with its defaults (K2 trained with
+            ``adjust_lr_fn="match_rms_adamw"`` and weight decay 0.1). A step skipped for a
+            non-finite gradient (``nonfinite="skip"``) clips nothing either.
         qk_clip_tau (float, optional): :math:`\tau > 0`, the logit threshold; ``inf``
             turns the clip off (default: 100, K2's).
         qk_clip_alpha (float, optional): :math:`\alpha \in [0, 1]`, the share of the clip
@@ -451,6 +452,7 @@ class MuonClip(Muon):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
+        nonfinite: str = "raise",
     ) -> None:
         _check_tau(qk_clip_tau)
         _check_alpha(qk_clip_alpha)
@@ -472,6 +474,7 @@ class MuonClip(Muon):
             adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
+            nonfinite=nonfinite,
         )
         # Muon builds its own defaults, so the clip's join them here and fill the groups
         # made during construction; add_param_group fills later ones.
@@ -686,8 +689,10 @@ class MuonClip(Muon):
             closure (Callable, optional): A closure that reevaluates the model and returns
                 the loss (its forward pass is recorded for this step's clip).
         """
-        loss = self._muon_step(closure)  # not super().step(): its hooks would run twice
-        if not self._qk_watched:
+        loss, stepped = self._muon_step(closure)  # not super().step(): hooks would run twice
+        if not stepped or not self._qk_watched:
+            # A skipped step (nonfinite="skip") clips nothing either, and keeps the logits
+            # recorded since the last step for the next one.
             return loss
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for watched in self._qk_watched:

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from microadam.optim._common import check_nonnegative
 from microadam.optim.line_search import (
     ClosureObjective,
     check_single_group,
@@ -154,21 +155,20 @@ class Newton(Optimizer):
         )
         if hessian not in HESSIANS:
             raise ValueError(f"Invalid hessian: {hessian!r} (expected 'exact' or 'cg')")
-        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-            raise ValueError(f"Invalid damping: {damping} (expected damping >= 0)")
+        check_nonnegative("damping", damping)
         if (
             isinstance(max_hessian_size, bool)
             or not isinstance(max_hessian_size, int)
             or max_hessian_size < 1
         ):
             raise ValueError(
-                f"Invalid max_hessian_size: {max_hessian_size} (expected max_hessian_size >= 1)"
+                f"Invalid max_hessian_size: {max_hessian_size!r} (expected max_hessian_size >= 1)"
             )
         if cg_max_iter is not None and (
             isinstance(cg_max_iter, bool) or not isinstance(cg_max_iter, int) or cg_max_iter < 1
         ):
             raise ValueError(
-                f"Invalid cg_max_iter: {cg_max_iter} (expected None or cg_max_iter >= 1)"
+                f"Invalid cg_max_iter: {cg_max_iter!r} (expected None or cg_max_iter >= 1)"
             )
         defaults = {
             "lr": lr,

@@ -7,9 +7,14 @@ listed only when their package is installed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
-from collections.abc import Callable, Iterable
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +42,20 @@ class OptimizerSpec:
         state_formula: optimizer-state bytes per parameter, as a formula.
         needs_closure: whether ``step`` requires a closure (line-search methods).
         preset: keyword arguments the name implies (``amsgrad=True`` for ``amsgrad``).
-        requires: the optional package that must be importable, if any.
+        defaults: keyword arguments passed unless given (``no_deprecation_warning=True``
+            for GaLore, whose constructor warns otherwise).
+        requires: the optional package that must be importable, if any; its import is
+            quiet (:func:`_quiet_import`).
         grouping: how a module is split into param groups: ``"decay"`` (see
             :func:`param_groups`), ``"muon"`` (matrices to Muon, the rest to AdamW) or
             ``"flat"`` (one group, for the single-group line-search methods).
         watches_attention: whether, built from a module, the optimizer is handed it to
             watch its attention layers (``opt.watch(model, strict=False)``, MuonClip).
+        closure_without_grad: whether the class's ``step`` calls the closure under its own
+            ``torch.no_grad()``, so that a closure calling ``backward()`` fails; the
+            registry then builds a subclass whose ``step`` runs the closure under
+            ``torch.enable_grad()``, as torch.optim's own optimizers do
+            (:func:`_grad_closure_class`).
     """
 
     name: str
@@ -51,16 +64,86 @@ class OptimizerSpec:
     state_formula: str
     needs_closure: bool = False
     preset: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
     requires: str | None = None
     grouping: str = "decay"
     watches_attention: bool = False
+    closure_without_grad: bool = False
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
     def load(self) -> Callable[..., torch.optim.Optimizer]:
         module, attr = self.target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        if self.requires is None:
+            cls = getattr(importlib.import_module(module), attr)
+        else:
+            with _quiet_import():
+                cls = getattr(importlib.import_module(module), attr)
+        return _grad_closure_class(cls, attr) if self.closure_without_grad else cls
+
+
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    """Silence what an optional peer says when it is imported: warnings (bitsandbytes and
+    galore_torch trigger torch.jit deprecations), log records up to WARNING (bitsandbytes
+    and torchao log the native kernels they cannot load, torch's pytree a registration
+    notice) and prints. Errors still propagate."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(disabled)
+
+
+@functools.cache
+def _grad_closure_class(cls: type[torch.optim.Optimizer], name: str) -> type[torch.optim.Optimizer]:
+    """A subclass of ``cls`` named ``name`` (the registry's target, ``GaLoreAdamW``; same
+    constructor and state) whose ``step`` runs the closure under ``torch.enable_grad()``,
+    for a peer whose ``step`` is ``@torch.no_grad()`` and calls the closure as it is
+    (galore_torch's). It calls ``cls``'s own ``step`` function, not the one torch wraps
+    with the step hooks, so the hooks run once. Pickle finds it as an attribute of this
+    module (``__getattr__`` below)."""
+    base = cls.step
+    inner = base.__wrapped__ if getattr(base, "hooked", False) else base
+
+    def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+        if closure is None:
+            return inner(self, None)
+
+        def closure_with_grad() -> Any:
+            with torch.enable_grad():
+                return closure()
+
+        return inner(self, closure_with_grad)
+
+    step.__doc__ = base.__doc__
+    return type(
+        name,
+        (cls,),
+        {
+            "step": step,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": cls.__doc__,
+        },
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The classes :func:`_grad_closure_class` makes, by name, so that a pickled optimizer
+    of one loads again (pickle looks its class up in this module)."""
+    for spec in _SPECS.values():
+        if spec.closure_without_grad and spec.target.endswith(f":{name}") and spec.available():
+            return spec.load()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _SPECS: dict[str, OptimizerSpec] = {}
@@ -155,8 +238,10 @@ for _spec in (
         "galore_torch:GaLoreAdamW",
         "galore_torch.GaLoreAdamW",
         "8 r / n + 4 r / n per m x n matrix (rank r, m >= n); 8 for the rest",
+        defaults={"no_deprecation_warning": True},
         requires="galore_torch",
         grouping="galore",
+        closure_without_grad=True,
     ),
     OptimizerSpec(
         "adamw4bit",
@@ -286,7 +371,14 @@ def create_optimizer(
             blocks; see :meth:`microadam.optim.muonclip.MuonClip.watch`); given parameters
             instead of a module, call ``opt.watch(model)`` yourself.
         **hyperparameters: passed unchanged to the optimizer class; an unknown keyword
-            raises ``TypeError`` there.
+            raises ``TypeError`` there. For ``galore_adamw``, ``no_deprecation_warning``
+            defaults to True (GaLore's own AdamW warns that it is deprecated), and the class
+            is a subclass of ``galore_torch.GaLoreAdamW`` whose ``step`` runs the closure
+            with gradients enabled, so the usual closure (``zero_grad()``, forward,
+            ``backward()``, return the loss) works as with torch.optim.
+
+    Optional peers are imported quietly: their import-time warnings, log messages and
+    prints are dropped.
 
     Example:
         >>> import torch
@@ -304,7 +396,7 @@ def create_optimizer(
                 f"Invalid {key}: {hyperparameters[key]!r} (the name {spec.name!r} means "
                 f"{key}={value!r}; use another name for other values)"
             )
-    kwargs = {**spec.preset, **hyperparameters}
+    kwargs = {**spec.defaults, **spec.preset, **hyperparameters}
     if isinstance(params_or_model, nn.Module):
         if spec.grouping == "muon":
             from microadam.optim.muon import muon_param_groups
