@@ -441,16 +441,7 @@ def test_fused_true_raises_where_uncovered_and_none_falls_back(setup, reason, fu
     assert not torch.equal(p, x0)
 
 
-def test_failed_build_warns_once_and_falls_back(restore_kernel_state):
-    monkeypatch = restore_kernel_state
-    monkeypatch.setattr(kernel, "_ops", None)
-    monkeypatch.setattr(kernel, "_failure", None)
-    monkeypatch.setattr(kernel, "_warned", False)
-
-    def broken():
-        raise RuntimeError("c++ not found (simulated)")
-
-    monkeypatch.setattr(kernel, "_load_library", broken)
+def test_failed_build_warns_once_and_falls_back(broken_fused_kernel):
     torch.manual_seed(0)
     grads = [torch.randn(2000) for _ in range(3)]
     a = torch.nn.Parameter(torch.randn(2000))

@@ -6,30 +6,13 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 
 from microadam import MicroAdam
-from microadam.kernels import micro_adam_cpu as kernel
 from microadam.optim.micro_adam import PURE_CPU_SLOWDOWN
 
 
-@pytest.fixture
-def broken_kernel(monkeypatch):
-    """A kernel whose build fails in this test; the loaded one comes back afterwards."""
-    for name in ("_ops", "_failure", "_failure_is_error", "_warned"):
-        monkeypatch.setattr(kernel, name, getattr(kernel, name))
-    monkeypatch.setattr(kernel, "_ops", None)
-    monkeypatch.setattr(kernel, "_failure", None)
-    monkeypatch.setattr(kernel, "_warned", False)
-
-    def broken():
-        raise RuntimeError("c++ not found (simulated)")
-
-    monkeypatch.setattr(kernel, "_load_library", broken)
-
-
-def test_the_fallback_warning_says_how_much_slower_and_points_at_the_step(broken_kernel):
+def test_the_fallback_warning_says_how_much_slower_and_points_at_the_step(broken_fused_kernel):
     p = torch.nn.Parameter(torch.randn(2000))
     p.grad = torch.randn(2000)
     opt = MicroAdam([p])
