@@ -68,6 +68,7 @@ def _run(checkpoint: Path, final: Path) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, seed):
     rng = random.Random(seed)

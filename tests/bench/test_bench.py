@@ -125,6 +125,7 @@ def test_newton_size_limit_is_a_stated_skip():
     assert big.skip_reason("newton", True, big.num_params(), {"hessian": "cg"}) is None
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_numbers(tmp_path):
     a, _ = run_cli(tmp_path / "a", "iris", "--optimizers", "microadam,adamw", "--steps", "8",
                    "--seeds", "1", "--lr-grid", "1")  # fmt: skip

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,7 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_smoke_run_on_cpu_writes_results(tmp_path):
     out = tmp_path / "results"
     # compiled is left out: on a CPU inductor compiles it for tens of seconds (it has tests

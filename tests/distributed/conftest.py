@@ -29,6 +29,14 @@ def _skip_reason() -> str | None:
     return None
 
 
+def fsdp_skip_reason() -> str | None:
+    """Why FSDP2 cannot run on the CPU with this torch, or None: torch 2.6's fully_shard
+    records events on the device's streams, which ``torch.cpu.Stream`` does from 2.7 on."""
+    if not hasattr(torch.cpu.Stream, "record_event"):
+        return f"FSDP2 (fully_shard) on the CPU needs torch >= 2.7, not {torch.__version__}"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +46,7 @@ def _free_port() -> int:
 def launch(mode: str, world: int, out: Path, *args: str, timeout: float = 240) -> str:
     """Run ``worker.py MODE OUT ARGS`` on ``world`` ranks; return their combined output.
     Fails the test (with the output) if a rank fails or the run exceeds ``timeout`` s."""
-    reason = _skip_reason()
+    reason = _skip_reason() or (None if mode == "ddp" else fsdp_skip_reason())
     if reason is not None:
         pytest.skip(reason)
     port = _free_port()

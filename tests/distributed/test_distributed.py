@@ -59,6 +59,7 @@ def test_ddp_matches_one_process_on_the_global_batch(tmp_path, launch):
             assert r["final_loss_ddp"] == pytest.approx(r["final_loss_ref"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp2_trains_like_one_process_with_half_the_state(tmp_path, launch):
     """FSDP2 (fully_shard) over two ranks against one process, TinyGPT (42k parameters),
     200 steps, density 0.05 in blocks of 512.
@@ -97,6 +98,7 @@ def test_fsdp2_trains_like_one_process_with_half_the_state(tmp_path, launch):
         assert ad["last_loss"] < 0.75 * ad["first_loss"]
 
 
+@pytest.mark.slow
 def test_dcp_resume_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     """torch.distributed.checkpoint: save model and MicroAdam on two FSDP2 ranks after 7
     steps (uneven shards: 19 and 18 rows of a 37-row weight; one group with stochastic
@@ -137,6 +139,7 @@ def test_dcp_resume_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     assert "was saved from 2 shard(s), but the parameter is sharded over 1 rank(s)" in two
 
 
+@pytest.mark.slow
 def test_dcp_resume_adapprox_is_bitwise_and_refuses_another_world_size(tmp_path, launch):
     """torch.distributed.checkpoint with Adapprox: the same save / load / continue as for
     MicroAdam (two FSDP2 ranks, uneven shards of 19 and 18 rows, 7 + 7 steps; group 1

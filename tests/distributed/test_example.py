@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,10 @@ def _free_port() -> int:
             ],
         )
     ],
+)
+@pytest.mark.skipif(
+    not hasattr(torch.cpu.Stream, "record_event"),
+    reason=f"FSDP2 (fully_shard) on the CPU needs torch >= 2.7, not {torch.__version__}",
 )
 def test_example_under_torchrun(mode, expected, launch):
     del launch  # only its skip: torch.distributed and gloo are there

@@ -12,11 +12,18 @@ import torch
 
 from microadam import MicroAdam
 from microadam.compress.window import saturating_cast
-from microadam.kernels import micro_adam_cpu
+from microadam.kernels import micro_adam_compiled, micro_adam_cpu
 
 PATHS = [
     pytest.param("eager", id="eager"),
-    pytest.param("compiled", id="compiled"),
+    pytest.param(
+        "compiled",
+        id="compiled",
+        marks=pytest.mark.skipif(
+            micro_adam_compiled.unavailable_reason() is not None,
+            reason=str(micro_adam_compiled.unavailable_reason()),
+        ),
+    ),
     pytest.param(
         "cpu",
         id="cpu",

@@ -32,12 +32,19 @@ update rounds twice), and scatter-adds may sum in another order on a GPU.
 Not covered (the caller falls back to the pure step): tensor subclasses, and block sizes
 whose ``lcm(topk_block_size, quant_block_size)`` needs the pure step's two-pass
 quantization (above ``MAX_ALIGNED_CHUNK``).
+
+Needs torch >= :data:`MIN_TORCH`: with an older torch :func:`unavailable_reason` says so,
+``fused="compiled"`` raises and ``fused=None`` never picks it. Torch 2.6 to 2.10 lack the
+``eager_numerics`` options; under 2.11 and 2.12 (and under 2.6 given only the options it
+has) the compiled step's error-feedback codes differ from the pure step's on the CPU at the
+first or second step (``tests/kernels/test_compiled.py``); 2.13 is the first that matches.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +57,7 @@ from microadam.compress.window import saturating_cast
 
 __all__ = [
     "COMPILE_OPTIONS",
+    "MIN_TORCH",
     "RECOMPILE_LIMIT",
     "chunk_step",
     "micro_adam_multi_step_",
@@ -62,6 +70,7 @@ COMPILE_OPTIONS = {
     "eager_numerics.division_rounding": True,
     "eager_numerics.disable_ftz": True,
 }
+MIN_TORCH = (2, 13)
 RECOMPILE_LIMIT = 64
 
 # Columns of ``info``, one row per chunk.
@@ -79,8 +88,20 @@ def _compiled_chunk_step():
     return _compiled
 
 
+def _torch_release() -> tuple[int, int]:
+    """(major, minor) of this torch; a nightly counts as its release."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
 def unavailable_reason() -> str | None:
-    """None where ``torch.compile`` works in this Python, else why not."""
+    """None where ``torch.compile`` works in this Python and torch is at least
+    :data:`MIN_TORCH` (older inductors compile the step differently), else why not."""
+    if _torch_release() < MIN_TORCH:
+        return (
+            f"the compiled step needs torch >= {'.'.join(map(str, MIN_TORCH))} (older "
+            f"inductors do not match the pure step), not {torch.__version__}"
+        )
     if not torch._dynamo.is_dynamo_supported():
         return f"torch.compile does not support Python {sys.version.split()[0]}"
     return None
