@@ -20,12 +20,18 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "check_out", "main", "non_negative_int", "positive_float",
-           "positive_int"]  # fmt: skip
+from microadam.bench.arguments import (
+    check_out,
+    checked_type,
+    error,
+    non_negative_int,
+    positive_int,
+)
+
+__all__ = ["build_parser", "main"]
 
 WORKLOAD_NAMES = (
     "rosenbrock", "quadratic", "iris", "breast-cancer", "digits", "lm", "finetune",
@@ -71,34 +77,7 @@ FINETUNE_QUICK_OPTIMIZERS = ("microadam", "adamw", "adafactor")
 MODEL_SIZES = ("small", "medium", "large")
 
 
-def _err(message: str) -> int:
-    print(f"microadam: error: {message}", file=sys.stderr)
-    return 2
-
-
-# -- checks of the input --------------------------------------------------------------------
-
-
-def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Any:
-    """An argparse ``type``: ``convert`` the text, refusing what is not ``ok`` (argparse
-    then names the option: ``argument --steps: must be a positive integer, got 0``)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
-_condition_number = _checked(float, lambda v: 1 <= v < math.inf, "a number >= 1")
+_condition_number = checked_type(float, lambda v: 1 <= v < math.inf, "a number >= 1")
 
 
 def _hidden_sizes(text: str) -> tuple[int, ...]:
@@ -136,23 +115,6 @@ def _optimizer_names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError(f"expected at least one optimizer name, got {text!r}")
     return names
-
-
-def check_out(path: Path, option: str, *, file: bool = False) -> str | None:
-    """Create the output folder ``path`` (for a ``file``, its folder) now, so that a bad
-    ``option`` fails before any work; the error message, or None."""
-    folder = path.parent if file else path
-    if file and path.is_dir():
-        return f"{option}: {str(path)!r} is a directory, not a file"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        return f"{option}: {str(folder)!r} is a file, not a directory"
-    except OSError as err:
-        return f"{option}: cannot create the directory {str(folder)!r} ({err.strerror})"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{option}: the directory {str(folder)!r} is not writable"
-    return None
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -234,23 +196,23 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out or f"microadam-bench/{args.workload}")
     problem = _foreign_options(args) or _text_problem(args)
     if problem:
-        return _err(problem)
+        return error(problem)
     try:
         extra = parse_hp(args.hp)
     except ValueError as err:
-        return _err(str(err))
+        return error(str(err))
     if args.optimizers is not None:
         try:
             parse_optimizers(args.optimizers)
         except ValueError as err:
-            return _err(f"--optimizers: {err}")
+            return error(f"--optimizers: {err}")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as err:  # e.g. "Torch not compiled with CUDA"
-        return _err(f"--device: {args.device!r} is not usable here: {err}")
+        return error(f"--device: {args.device!r} is not usable here: {err}")
     problem = check_out(out, "--out")
     if problem:
-        return _err(problem)
+        return error(problem)
 
     kind = KINDS.get(args.workload, "tabular")
     # One thread unless asked (--threads 0 means this default): small models gain little
@@ -269,7 +231,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         workload = make_workload(args.workload, **_workload_options(args))
     except (ValueError, RuntimeError) as err:
-        return _err(str(err))
+        return error(str(err))
     if args.optimizers is not None:
         names = args.optimizers
     elif kind == "finetune" and args.quick:
@@ -317,7 +279,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         )
         return 130
     except ValueError as err:
-        return _err(str(err))
+        return error(str(err))
     path = save_results(results, out / "results.json")
     figures = _figures(results, out, args.no_plots)
     report = write_report(results, out, figures)
@@ -359,12 +321,12 @@ def _plot(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         results = load_results(args.results)
     except (OSError, ValueError) as err:
-        return _err(f"cannot read {args.results}: {err}")
+        return error(f"cannot read {args.results}: {err}")
     src = Path(args.results)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
     problem = check_out(out, "--out")
     if problem:
-        return _err(problem)
+        return error(problem)
     figures = plots.plot_all(results, out)
     report = write_report(results, out, figures)
     print(text_table(results))
@@ -379,7 +341,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     base = Path(args.out) if args.out else Path("microadam-bench")
     problem = check_out(base, "--out")
     if problem:
-        return _err(problem)
+        return error(problem)
     threads = ["--threads", str(args.threads)] if args.threads else []
     for workload, title in (
         ("lm", "from scratch: a byte-level GPT trained on the standard library's source"),
@@ -402,11 +364,11 @@ def _memory(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             get_spec(name)
         except ValueError as err:
-            return _err(f"--optimizers: {err}")
+            return error(f"--optimizers: {err}")
     sizes = args.sizes.split(",")
     for size in sizes:
         if size not in MODEL_SIZES:
-            return _err(f"--sizes: unknown size {size!r} (expected {', '.join(MODEL_SIZES)})")
+            return error(f"--sizes: unknown size {size!r} (expected {', '.join(MODEL_SIZES)})")
     print("Optimizer-state bytes per parameter after one step on the byte-level transformer")
     print("(context 256; float32 parameters and gradients; closure-based methods: see the note)\n")
     table = memory_table(args.optimizers, {s: SIZES[s] for s in sizes})
@@ -450,15 +412,15 @@ def _reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         figures = _figure_numbers(args.figures, FIGURES)
     except ValueError as err:
-        return _err(f"--figures: {err}")
+        return error(f"--figures: {err}")
     try:
         saved = None if args.reuse is None else read_saved(args.reuse)
     except ValueError as err:
-        return _err(f"--reuse: {err}")
+        return error(f"--reuse: {err}")
     out = Path(args.out or "microadam-reproduce")
     problem = check_out(out, "--out")
     if problem:
-        return _err(problem)
+        return error(problem)
     torch.set_num_threads(args.threads or 1)
     report = reproduce(
         out,
@@ -509,7 +471,7 @@ def _add_bench(sub: Any) -> None:
     )
     b.add_argument(
         "--lr-grid",
-        type=_checked(int, lambda n: n in LR_FACTORS, f"one of {sorted(LR_FACTORS)}"),
+        type=checked_type(int, lambda n: n in LR_FACTORS, f"one of {sorted(LR_FACTORS)}"),
         default=None,
         help="lr grid points per optimizer, 1-5 (default 3)",
     )

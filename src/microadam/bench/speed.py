@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from microadam.cli import _err, check_out, non_negative_int, positive_float, positive_int
+from microadam.bench.arguments import (
+    check_out,
+    error,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["OPTIMIZERS", "SpeedResult", "add_parser", "run_speed"]
 
@@ -294,7 +300,7 @@ def _speed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     out = Path(args.out)
     problem = check_out(out, "--out", file=True)
     if problem:
-        return _err(problem)
+        return error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     labels, cases = args.optimizers, args.sizes
